@@ -1,0 +1,197 @@
+"""Per-layer profile of an ONNX graph: op, shapes, parameters and multiply-accumulates.
+
+MACs are counted per sample (batch 1) for the ops that dominate inference cost: Conv,
+ConvTranspose, Gemm, MatMul and our custom ops (which register their own counter). Everything
+else counts as zero MACs, the usual convention of FLOP counters in this field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from compressor.errors import UnsupportedModelError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Cost of one node at batch 1."""
+
+    name: str
+    op: str
+    input_shape: Shape | None
+    output_shape: Shape | None
+    weight_shape: Shape | None
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Cost of a whole graph at batch 1."""
+
+    layers: tuple[LayerProfile, ...]
+    params: int
+    macs: int
+    input_shape: Shape
+    file_bytes: int | None = None
+    ops: dict[str, int] = field(default_factory=dict)
+
+    def layer(self, name: str) -> LayerProfile:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+
+# op_type -> fn(node, shapes, initializers) -> MACs; custom ops add themselves here.
+MacCounter = Callable[[onnx.NodeProto, dict[str, Shape], dict[str, np.ndarray]], int]
+MAC_COUNTERS: dict[tuple[str, str], MacCounter] = {}
+
+
+def register_mac_counter(op_type: str, domain: str = "") -> Callable[[MacCounter], MacCounter]:
+    """Decorator: count MACs of ``domain::op_type`` nodes with the decorated function."""
+
+    def wrap(fn: MacCounter) -> MacCounter:
+        MAC_COUNTERS[(domain, op_type)] = fn
+        return fn
+
+    return wrap
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+@register_mac_counter("Conv")
+@register_mac_counter("ConvTranspose")
+def _conv_macs(node, shapes, inits) -> int:
+    w = shapes.get(node.input[1])
+    if node.op_type == "Conv":
+        out = shapes.get(node.output[0])
+        if w is None or out is None:
+            return 0
+        return math.prod(out) * math.prod(w[1:])
+    x = shapes.get(node.input[0])
+    if w is None or x is None:
+        return 0
+    return math.prod(x) * math.prod(w[1:])
+
+
+@register_mac_counter("Gemm")
+def _gemm_macs(node, shapes, inits) -> int:
+    a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+    if a is None or b is None:
+        return 0
+    m = a[1] if _attr(node, "transA", 0) else a[0]
+    k = a[0] if _attr(node, "transA", 0) else a[1]
+    n = b[0] if _attr(node, "transB", 0) else b[1]
+    return m * k * n
+
+
+@register_mac_counter("MatMul")
+def _matmul_macs(node, shapes, inits) -> int:
+    a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+    if a is None or out is None or not a:
+        return 0
+    return math.prod(out) * a[-1]
+
+
+def static_shapes(model: onnx.ModelProto, batch: int = 1) -> tuple[dict[str, Shape], Shape]:
+    """Infer every tensor's shape with symbolic dims of the graph inputs set to ``batch``.
+
+    Returns the shapes by tensor name and the (first) graph input's shape.
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    init_names = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in init_names]
+    if not graph_inputs:
+        raise UnsupportedModelError("the model has no graph input")
+    for value in graph_inputs:
+        dims = value.type.tensor_type.shape.dim
+        for i, d in enumerate(dims):
+            if not d.HasField("dim_value"):
+                if i != 0:
+                    raise UnsupportedModelError(
+                        f"input '{value.name}' has a symbolic dimension {i} "
+                        f"('{d.dim_param}'); pass --input-shape"
+                    )
+                d.Clear()
+                d.dim_value = batch
+    inferred = shape_inference.infer_shapes(model, data_prop=True)
+    shapes: dict[str, Shape] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(
+        inferred.graph.output
+    ):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            shapes[vi.name] = tuple(d.dim_value for d in t.shape.dim)
+    for init in inferred.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    first = graph_inputs[0]
+    return shapes, shapes[first.name]
+
+
+def profile_model(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelProfile:
+    """Profile ``model`` at batch 1 (shapes from ONNX shape inference)."""
+    shapes, input_shape = static_shapes(model, batch=1)
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:  # Constant nodes hold weights too (torch exports some)
+        if node.op_type == "Constant" and node.output:
+            tensor = _attr(node, "value")
+            if tensor is not None:
+                inits[node.output[0]] = tensor
+    counted: set[str] = set()
+    layers: list[LayerProfile] = []
+    ops: dict[str, int] = {}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "Constant":
+            continue
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        params = 0
+        weight_shape = None
+        for name in node.input[1:]:
+            if name in inits and name not in counted:
+                counted.add(name)
+                params += math.prod(inits[name].dims)
+        if len(node.input) > 1 and node.input[1] in inits:
+            weight_shape = tuple(inits[node.input[1]].dims)
+        counter = MAC_COUNTERS.get((node.domain or "", node.op_type))
+        macs = int(counter(node, shapes, {})) if counter else 0
+        layers.append(
+            LayerProfile(
+                name=node.name or f"{node.op_type}_{i}",
+                op=node.op_type,
+                input_shape=shapes.get(node.input[0]) if node.input else None,
+                output_shape=shapes.get(node.output[0]) if node.output else None,
+                weight_shape=weight_shape,
+                params=params,
+                macs=macs,
+            )
+        )
+    # Initializers not consumed by any node's weight slot (e.g. graph-level constants) still
+    # take space in the file.
+    params = sum(math.prod(t.dims) for n, t in inits.items() if n in counted)
+    return ModelProfile(
+        layers=tuple(layers),
+        params=params,
+        macs=sum(layer.macs for layer in layers),
+        input_shape=input_shape,
+        file_bytes=file_bytes,
+        ops=ops,
+    )
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """numpy view of an initializer (external data must already be loaded)."""
+    return numpy_helper.to_array(tensor)
