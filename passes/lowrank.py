@@ -1,0 +1,257 @@
+"""Linear layers as matrices, and their replacement by two-stage low-rank forms.
+
+Conv, Gemm and MatMul with constant weights are all ``y = W x + b`` with W of shape
+(outputs, fan-in). A low-rank pass approximates W by ``lift @ project`` (rank r) and this module
+turns that back into ONNX: a first stage with ``project`` (a Conv keeping the original kernel,
+or a Gemm/MatMul) followed by a second stage with ``lift`` (a 1 x 1 Conv, or Gemm/MatMul) that
+also carries the bias. SVD (channel scheme) and sketching share it; spatial SVD adds its own
+vertical/horizontal form in ``svd.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.passes.base import LayerRecord
+from compressor.passes.calibrate import Calibration, Moments, conv_patches, feature_rows
+from compressor.passes.graph import (
+    ConvAttributes,
+    NameScope,
+    add_initializer,
+    constant_array,
+    conv_attributes,
+    conv_node,
+    replace_node,
+)
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class LinearLayer:
+    """One Conv/Gemm/MatMul node seen as ``y = W x + b``."""
+
+    node: ir.Node
+    kind: str  # "conv" | "gemm" | "matmul"
+    weight: np.ndarray  # (outputs, fan_in) float64
+    bias: np.ndarray | None  # (outputs,)
+    original_weight_shape: Shape
+    positions: int  # output positions per sample (H_out * W_out for conv, rows for matmul)
+    input_shape: Shape
+    output_shape: Shape
+    conv: ConvAttributes | None = None
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name
+
+    @property
+    def outputs(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def fan_in(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def dense_macs(self) -> int:
+        return self.positions * self.outputs * self.fan_in
+
+    @property
+    def dense_params(self) -> int:
+        return self.weight.size + (0 if self.bias is None else self.bias.size)
+
+    def two_stage_macs(self, rank: int) -> int:
+        return self.positions * rank * (self.fan_in + self.outputs)
+
+    def two_stage_params(self, rank: int) -> int:
+        return rank * (self.fan_in + self.outputs) + self.outputs
+
+    def record(self, **kwargs) -> LayerRecord:
+        base = dict(
+            name=self.name,
+            op=self.node.op_type,
+            shape_before=self.original_weight_shape,
+            macs_before=self.dense_macs,
+            params_before=self.dense_params,
+            macs_after=self.dense_macs,
+            params_after=self.dense_params,
+        )
+        base.update(kwargs)
+        return LayerRecord(**base)
+
+
+def find_linear_layers(
+    model: ir.Model, shapes: dict[str, Shape]
+) -> tuple[list[LinearLayer], list[LayerRecord]]:
+    """Every Conv/Gemm/MatMul of the main graph as a LinearLayer, or a record of why not."""
+    layers: list[LinearLayer] = []
+    skipped: list[LayerRecord] = []
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        layer_or_reason = _as_linear_layer(node, shapes)
+        if isinstance(layer_or_reason, str):
+            skipped.append(
+                LayerRecord(name=node.name or node.outputs[0].name, op=node.op_type,
+                            skipped=layer_or_reason)
+            )
+        else:
+            layers.append(layer_or_reason)
+    return layers, skipped
+
+
+def _as_linear_layer(node: ir.Node, shapes: dict[str, Shape]) -> LinearLayer | str:
+    x = node.inputs[0]
+    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None:
+        return "weight is not a constant"
+    if weight.dtype != np.float32:
+        return f"weight dtype {weight.dtype} (only float32 is supported)"
+    in_shape = shapes.get(x.name) if x is not None else None
+    out_shape = shapes.get(node.outputs[0].name)
+    if in_shape is None or out_shape is None:
+        return "input or output shape unknown (shape inference failed)"
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = constant_array(node.inputs[2])
+        if bias is None:
+            return "bias is not a constant"
+    if node.op_type == "Conv":
+        attrs = conv_attributes(node, weight.shape)
+        if isinstance(attrs, str):
+            return attrs
+        if attrs.group != 1:
+            depthwise = attrs.group == in_shape[1] and weight.shape[1] == 1
+            kind = "depthwise" if depthwise else "grouped"
+            return f"{kind} conv (group={attrs.group}): no cross-channel matrix to factorise"
+        positions = math.prod(out_shape[2:])
+        w2 = weight.reshape(weight.shape[0], -1).astype(np.float64)
+        return LinearLayer(node, "conv", w2, None if bias is None else bias.astype(np.float64),
+                           tuple(weight.shape), positions, in_shape, out_shape, attrs)
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return "Gemm with transA=1"
+        alpha = node.attributes.get_float("alpha", 1.0)
+        beta = node.attributes.get_float("beta", 1.0)
+        w2 = weight.T if not node.attributes.get_int("transB", 0) else weight
+        w2 = alpha * w2.astype(np.float64)
+        if bias is not None:
+            if bias.size not in (1, w2.shape[0]):
+                return f"Gemm bias of shape {bias.shape} is not per-output"
+            bias = beta * np.broadcast_to(bias.astype(np.float64).reshape(-1), (w2.shape[0],))
+        return LinearLayer(node, "gemm", np.ascontiguousarray(w2), bias, tuple(weight.shape),
+                           in_shape[0], in_shape, out_shape)
+    # MatMul: only x @ B with B constant 2-D
+    if weight.ndim != 2:
+        return f"MatMul weight of rank {weight.ndim} (only 2-D)"
+    positions = math.prod(in_shape[:-1])
+    return LinearLayer(node, "matmul", np.ascontiguousarray(weight.T.astype(np.float64)), None,
+                       tuple(weight.shape), positions, in_shape, out_shape)
+
+
+def layer_rows(layer: LinearLayer, x: np.ndarray) -> np.ndarray:
+    """The input vectors the layer's W multiplies (im2col patches for a Conv)."""
+    if layer.kind == "conv":
+        assert layer.conv is not None
+        return conv_patches(x, layer.conv)
+    return feature_rows(x)
+
+
+def gather_moments(
+    calibration: Calibration,
+    model: ir.Model,
+    layers: Sequence[LinearLayer],
+    max_rows_per_batch: int = 20000,
+    seed: int = 0,
+) -> dict[str, Moments]:
+    """Mean and second moment of each layer's input vectors over the calibration set.
+
+    Convolution inputs give (batch x positions) patch rows per batch; to bound the cost, a
+    seeded random subset of at most ``max_rows_per_batch`` rows per batch is used.
+    """
+    rng = np.random.default_rng(seed)
+    moments = {layer.name: Moments.zeros(layer.fan_in) for layer in layers}
+    by_input: dict[str, list[LinearLayer]] = {}
+    for layer in layers:
+        by_input.setdefault(layer.node.inputs[0].name, []).append(layer)
+
+    def consume(batch: dict[str, np.ndarray]) -> None:
+        for value_name, users in by_input.items():
+            x = batch[value_name]
+            for layer in users:
+                rows = layer_rows(layer, x)
+                if rows.shape[0] > max_rows_per_batch:
+                    rows = rows[rng.choice(rows.shape[0], max_rows_per_batch, replace=False)]
+                moments[layer.name].add(rows)
+
+    calibration.stream(model, list(by_input), consume, label="input statistics")
+    return moments
+
+
+def mean_correction(layer: LinearLayer, approx_weight: np.ndarray, mean: np.ndarray | None):
+    """Bias of the approximation: b + (W - W') mu keeps the output mean exact on the data."""
+    bias = np.zeros(layer.outputs) if layer.bias is None else layer.bias.copy()
+    if mean is not None:
+        bias += (layer.weight - approx_weight) @ mean
+    if layer.bias is None and mean is None:
+        return None
+    return bias
+
+
+def replace_with_two_stage(
+    model: ir.Model,
+    layer: LinearLayer,
+    project: np.ndarray,
+    lift: np.ndarray,
+    bias: np.ndarray | None,
+    names: NameScope,
+    tag: str,
+) -> None:
+    """Replace the layer's node by ``lift @ (project @ x) + bias``.
+
+    project: (r, fan_in); lift: (outputs, r). For a Conv the first stage keeps the kernel,
+    strides, pads and dilations; the second is a 1 x 1 Conv.
+    """
+    graph = model.graph
+    rank = project.shape[0]
+    x = layer.node.inputs[0]
+    base = names(f"{layer.name}_{tag}")
+    if layer.kind == "conv":
+        assert layer.conv is not None
+        kh, kw = layer.conv.kernel
+        w1 = add_initializer(graph, names(base + "_project"),
+                             project.reshape(rank, -1, kh, kw))
+        first = conv_node(x, w1, None, layer.conv, names(base + "_project"))
+        w2 = add_initializer(graph, names(base + "_lift"), lift.reshape(layer.outputs, rank, 1, 1))
+        b2 = None if bias is None else add_initializer(graph, names(base + "_bias"), bias)
+        one = ConvAttributes((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1)
+        second = conv_node(first.outputs[0], w2, b2, one, names(base + "_lift"))
+    elif layer.kind == "gemm":
+        w1 = add_initializer(graph, names(base + "_project"), project)
+        first = ir.node("Gemm", [x, w1], {"transB": 1}, name=names(base + "_project"))
+        w2 = add_initializer(graph, names(base + "_lift"), lift)
+        inputs = [first.outputs[0], w2]
+        if bias is not None:
+            inputs.append(add_initializer(graph, names(base + "_bias"), bias))
+        second = ir.node("Gemm", inputs, {"transB": 1}, name=names(base + "_lift"))
+    else:
+        w1 = add_initializer(graph, names(base + "_project"), project.T)
+        first = ir.node("MatMul", [x, w1], name=names(base + "_project"))
+        w2 = add_initializer(graph, names(base + "_lift"), lift.T)
+        second = ir.node("MatMul", [first.outputs[0], w2], name=names(base + "_lift"))
+        if bias is not None and np.any(bias):
+            b = add_initializer(graph, names(base + "_bias"), bias)
+            third = ir.node("Add", [second.outputs[0], b], name=names(base + "_bias"))
+            replace_node(graph, layer.node, [first, second, third])
+            return
+    replace_node(graph, layer.node, [first, second])
+
+
+def relative_error(sq_error: float, energy: float) -> float:
+    return float(math.sqrt(max(sq_error, 0.0) / energy)) if energy > 0 else 0.0

@@ -1,0 +1,299 @@
+"""Low-rank factorisation by SVD of Conv, Gemm and MatMul weights.
+
+Two schemes for a k x k Conv, one for a matrix product:
+
+* channel: ``W`` (outputs x C*k*k) ~ ``U_r (U_r^T W)``: a k x k Conv to r channels then a
+  1 x 1 Conv back to the outputs (for Gemm/MatMul, two thinner products). With calibration
+  data, ``U_r`` are the top eigenvectors of the output covariance ``W Sigma W^T`` (Sigma the
+  covariance of the layer's real inputs), which minimises the layer's output error on that data
+  rather than the weight error; the bias absorbs the mean of what was cut.
+* spatial: a k x 1 Conv to r channels then a 1 x k Conv (Jaderberg et al.'s scheme 2), from
+  the SVD of W rearranged as (C*k) x (outputs*k); its output error is measured with the same
+  input covariance so the two schemes are compared on equal terms.
+
+Per-layer ranks meet ``ratio`` (the fraction of the model's MACs to keep) with the least total
+predicted loss (``budget.allocate``); a layer whose factorised form costs as much as the dense
+one stays dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from compressor.errors import OptionError
+from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
+from compressor.passes.budget import Option, allocate
+from compressor.passes.calibrate import Calibration
+from compressor.passes.graph import ConvAttributes, NameScope, add_initializer, conv_node, replace_node
+from compressor.passes.lowrank import (
+    LinearLayer,
+    find_linear_layers,
+    gather_moments,
+    mean_correction,
+    relative_error,
+    replace_with_two_stage,
+)
+from compressor.profile import profile_model, static_shapes
+
+SCHEMES = ("channel", "spatial")
+MAX_SPATIAL_RANKS = 24
+
+
+@dataclass(frozen=True)
+class SVDConfig(PassConfig):
+    """ratio: fraction of the model's MACs to keep (used unless rank or energy is set).
+    rank: one rank for every layer. energy: per layer, keep this fraction of the output energy.
+    allow_costlier: factorise even where it does not save MACs (for tests of the exact case)."""
+
+    ratio: float = 0.5
+    rank: int | None = None
+    energy: float | None = None
+    schemes: tuple[str, ...] = SCHEMES
+    allow_costlier: bool = False
+    max_rows_per_batch: int = 20000
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.ratio <= 1:
+            raise OptionError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if self.rank is not None and self.rank < 1:
+            raise OptionError(f"--rank must be >= 1, got {self.rank}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise OptionError(f"--energy must be in (0, 1], got {self.energy}")
+        unknown = set(self.schemes) - set(SCHEMES)
+        if unknown or not self.schemes:
+            raise OptionError(f"SVD schemes must be among {SCHEMES}, got {self.schemes}")
+
+
+@dataclass(frozen=True)
+class _Choice:
+    scheme: str
+    rank: int
+    sq_error: float  # predicted squared output error, relative to the output energy
+
+
+def _loss(relative_sq_error: float) -> float:
+    # -log of the kept output energy: Zhang et al.'s product-of-energies objective, additive.
+    return -math.log(max(1.0 - relative_sq_error, 1e-9))
+
+
+class LowRankSVDPass(Pass):
+    """Factorise Conv/Gemm/MatMul layers by (data-aware) SVD to meet a MACs budget."""
+
+    name = "svd"
+    config_class = SVDConfig
+
+    def __init__(self, config: SVDConfig | None = None, calibration: Calibration | None = None):
+        super().__init__(config)
+        self.calibration = calibration
+
+    def call(self, model: ir.Model) -> PassResult:
+        cfg: SVDConfig = self.config
+        proto = ir.serde.serialize_model(model)
+        shapes, _ = static_shapes(proto)
+        total_macs = profile_model(proto).macs
+        layers, records = find_linear_layers(model, shapes)
+        notes: list[str] = []
+        data_aware = self.calibration is not None
+        moments = (
+            gather_moments(self.calibration, model, layers, cfg.max_rows_per_batch, cfg.seed)
+            if data_aware
+            else {}
+        )
+        if not data_aware:
+            notes.append("no calibration data: SVD minimises weight error, not output error")
+
+        analyses = {}
+        per_layer_options: list[list[Option]] = []
+        for layer in layers:
+            m = moments.get(layer.name)
+            cov = m.covariance if m is not None else np.eye(layer.fan_in)
+            analyses[layer.name] = _LayerAnalysis(layer, cov, None if m is None else m.mean, cfg)
+            per_layer_options.append(analyses[layer.name].options())
+
+        fixed_macs = total_macs - sum(layer.dense_macs for layer in layers)
+        if cfg.rank is not None or cfg.energy is not None:
+            chosen = [a.fixed_choice() for a in analyses.values()]
+        else:
+            budget = cfg.ratio * total_macs - fixed_macs
+            allocation = allocate(per_layer_options, budget)
+            if not allocation.feasible:
+                notes.append(
+                    f"ratio {cfg.ratio} is not reachable by SVD alone: every layer at its "
+                    f"cheapest form keeps {(allocation.macs + fixed_macs) / total_macs:.3f}"
+                )
+            chosen = [o.payload for o in allocation.choices]
+
+        names = NameScope(model.graph)
+        basis = "calibration" if data_aware else "weights"
+        for layer, choice in zip(layers, chosen, strict=True):
+            analysis = analyses[layer.name]
+            if choice is None:
+                records.append(layer.record(skipped=analysis.dense_reason, error=0.0))
+                continue
+            macs, params, shape_after, detail = analysis.apply(model, choice, names)
+            records.append(layer.record(
+                shape_after=shape_after, macs_after=macs, params_after=params,
+                error=relative_error(choice.sq_error, 1.0), error_basis=basis, detail=detail,
+            ))
+        macs_after = fixed_macs + sum(r.macs_after for r in records if r.macs_before)
+        return PassResult(
+            model=model,
+            modified=any(r.skipped is None for r in records),
+            layers=records,
+            notes=notes,
+            stats={"macs_before": total_macs, "macs_after": macs_after,
+                   "ratio_reached": macs_after / total_macs if total_macs else 1.0,
+                   "data_aware": data_aware},
+        )
+
+
+class _LayerAnalysis:
+    """The rank/scheme options of one layer and how to apply them."""
+
+    def __init__(self, layer: LinearLayer, cov: np.ndarray, mean: np.ndarray | None,
+                 cfg: SVDConfig):
+        self.layer = layer
+        self.cov = cov
+        self.mean = mean
+        self.cfg = cfg
+        w = layer.weight
+        output_cov = w @ cov @ w.T
+        eigvals, eigvecs = np.linalg.eigh((output_cov + output_cov.T) / 2)
+        order = np.argsort(eigvals)[::-1]
+        self.eigvals = np.clip(eigvals[order], 0.0, None)
+        self.eigvecs = eigvecs[:, order]
+        self.energy = float(self.eigvals.sum())
+        self.max_rank = min(w.shape)
+        self.dense_reason = "factorised form is not cheaper than dense"
+        self._spatial = self._spatial_svd() if "spatial" in cfg.schemes else None
+        if "channel" not in cfg.schemes and self._spatial is None:
+            self.dense_reason = "spatial SVD applies only to k x k convolutions (k >= 2)"
+
+    # -- options ---------------------------------------------------------------------------
+    def _channel_choices(self, ranks: list[int] | None = None) -> list[_Choice]:
+        if "channel" not in self.cfg.schemes:
+            return []
+        tail = np.concatenate([np.cumsum(self.eigvals[::-1])[::-1], [0.0]])
+        out = []
+        for r in ranks or range(1, self.max_rank + 1):
+            if not self._affordable(self.layer.two_stage_macs(r)):
+                break
+            rel = tail[r] / self.energy if self.energy > 0 else 0.0
+            out.append(_Choice("channel", r, float(rel)))
+        return out
+
+    def _spatial_svd(self):
+        layer = self.layer
+        if layer.kind != "conv" or min(layer.conv.kernel) < 2:
+            return None
+        o = layer.outputs
+        c, kh, kw = layer.original_weight_shape[1:]
+        w4 = layer.weight.reshape(o, c, kh, kw)
+        a = w4.transpose(1, 2, 0, 3).reshape(c * kh, o * kw)
+        u, s, vt = np.linalg.svd(a, full_matrices=False)
+        return u, s, vt, (o, c, kh, kw)
+
+    def _spatial_macs(self, rank: int) -> int:
+        layer = self.layer
+        kh, kw = layer.conv.kernel
+        c = layer.original_weight_shape[1]
+        h_out, w_out = layer.output_shape[2:]
+        w_in = layer.input_shape[3]
+        return rank * c * kh * h_out * w_in + layer.outputs * rank * kw * h_out * w_out
+
+    def _spatial_weights(self, rank: int):
+        u, s, vt, (o, c, kh, kw) = self._spatial
+        root = np.sqrt(s[:rank])
+        vertical = (u[:, :rank] * root).T.reshape(rank, c, kh, 1)
+        horizontal = (root[:, None] * vt[:rank]).reshape(rank, o, kw).transpose(1, 0, 2)
+        horizontal = horizontal.reshape(o, rank, 1, kw)
+        composite = np.einsum("orj,rci->ocij", horizontal[:, :, 0, :], vertical[:, :, :, 0])
+        return vertical, horizontal, composite.reshape(o, -1)
+
+    def _spatial_choices(self, ranks: list[int] | None = None) -> list[_Choice]:
+        if self._spatial is None:
+            return []
+        ranks = [r for r in ranks or range(1, len(self._spatial[1]) + 1)
+                 if self._affordable(self._spatial_macs(r))]
+        if len(ranks) > MAX_SPATIAL_RANKS:
+            idx = np.unique(np.linspace(0, len(ranks) - 1, MAX_SPATIAL_RANKS).round().astype(int))
+            ranks = [ranks[i] for i in idx]
+        out = []
+        for r in ranks:
+            delta = self.layer.weight - self._spatial_weights(r)[2]
+            sq = float(np.sum((delta @ self.cov) * delta))
+            out.append(_Choice("spatial", r, sq / self.energy if self.energy > 0 else 0.0))
+        return out
+
+    def _affordable(self, macs: int) -> bool:
+        return self.cfg.allow_costlier or macs < self.layer.dense_macs
+
+    def _macs(self, choice: _Choice) -> int:
+        if choice.scheme == "channel":
+            return self.layer.two_stage_macs(choice.rank)
+        return self._spatial_macs(choice.rank)
+
+    def options(self) -> list[Option]:
+        opts = [Option(self.layer.dense_macs, 0.0, None)]
+        for choice in self._channel_choices() + self._spatial_choices():
+            opts.append(Option(self._macs(choice), _loss(choice.sq_error), choice))
+        return opts
+
+    def fixed_choice(self) -> _Choice | None:
+        """The choice under --rank or --energy (the cheapest that satisfies it)."""
+        if self.cfg.rank is not None:
+            choices = self._channel_choices([min(self.cfg.rank, self._scheme_max("channel"))])
+            choices += self._spatial_choices([min(self.cfg.rank, self._scheme_max("spatial"))])
+            if "channel" in self.cfg.schemes or self._spatial is not None:
+                self.dense_reason = f"rank {self.cfg.rank} does not reduce this layer's MACs"
+            return min(choices, key=lambda c: c.sq_error, default=None)
+        target = 1.0 - self.cfg.energy
+        choices = self._channel_choices() + self._spatial_choices()
+        choices = [c for c in choices if c.sq_error <= target + 1e-12]
+        self.dense_reason = f"keeping {self.cfg.energy:.3g} of the output energy needs the dense form"
+        return min(choices, key=self._macs, default=None)
+
+    def _scheme_max(self, scheme: str) -> int:
+        if scheme == "channel" or self._spatial is None:
+            return self.max_rank
+        return len(self._spatial[1])
+
+    # -- rewriting -------------------------------------------------------------------------
+    def apply(self, model: ir.Model, choice: _Choice, names: NameScope):
+        layer = self.layer
+        r = choice.rank
+        if choice.scheme == "channel":
+            basis = self.eigvecs[:, :r]
+            project = basis.T @ layer.weight
+            approx = basis @ project
+            bias = mean_correction(layer, approx, self.mean)
+            replace_with_two_stage(model, layer, project, basis, bias, names, f"svd{r}")
+            shape_after = (r, *layer.original_weight_shape[1:])
+            detail = f"channel rank {r}"
+            return layer.two_stage_macs(r), layer.two_stage_params(r), shape_after, detail
+        vertical, horizontal, composite = self._spatial_weights(r)
+        bias = mean_correction(layer, composite, self.mean)
+        self._replace_spatial(model, vertical, horizontal, bias, names, r)
+        params = vertical.size + horizontal.size + layer.outputs
+        return self._spatial_macs(r), params, tuple(vertical.shape), f"spatial rank {r}"
+
+    def _replace_spatial(self, model, vertical, horizontal, bias, names: NameScope, rank: int):
+        layer, attrs = self.layer, self.layer.conv
+        graph = model.graph
+        top, left, bottom, right = attrs.pads
+        base = names(f"{layer.name}_svd{rank}")
+        v_attrs = ConvAttributes((attrs.kernel[0], 1), (attrs.strides[0], 1), (top, 0, bottom, 0),
+                                 (attrs.dilations[0], 1), 1)
+        h_attrs = ConvAttributes((1, attrs.kernel[1]), (1, attrs.strides[1]), (0, left, 0, right),
+                                 (1, attrs.dilations[1]), 1)
+        wv = add_initializer(graph, names(base + "_vertical"), vertical)
+        first = conv_node(layer.node.inputs[0], wv, None, v_attrs, names(base + "_vertical"))
+        wh = add_initializer(graph, names(base + "_horizontal"), horizontal)
+        b = None if bias is None else add_initializer(graph, names(base + "_bias"), bias)
+        second = conv_node(first.outputs[0], wh, b, h_attrs, names(base + "_horizontal"))
+        replace_node(graph, layer.node, [first, second])

@@ -1,0 +1,88 @@
+"""Small ONNX graphs built by hand for pass tests (fast: no torch export)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor import runtime
+
+
+def make_model(nodes, inits, input_shape, output_name="y", output_rank=2):
+    graph = helper.make_graph(
+        nodes,
+        "test",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *input_shape])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+class Built:
+    """A model plus a way to run it (as proto or ir)."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+
+    def ir(self) -> ir.Model:
+        return ir.serde.deserialize_model(onnx.ModelProto.FromString(self.proto.SerializeToString()))
+
+    @staticmethod
+    def run(model, x: np.ndarray) -> np.ndarray:
+        if isinstance(model, ir.Model):
+            model = ir.serde.serialize_model(model)
+        sess = runtime.session(model)
+        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def mlp(rng):
+    """x(16) -> Gemm(32, transB) -> Relu -> Gemm(10, transB)."""
+    w1, b1 = rng.standard_normal((32, 16)), rng.standard_normal(32)
+    w2, b2 = rng.standard_normal((10, 32)), rng.standard_normal(10)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+        helper.make_node("Gemm", ["hr", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    return Built(make_model(nodes, dict(w1=w1, b1=b1, w2=w2, b2=b2), [16]))
+
+
+@pytest.fixture
+def convnet(rng):
+    """x(3,12,12) -> Conv 3x3 (16, pad 1) -> Relu -> Conv 3x3 (24, stride 2, pad 1) -> Relu
+    -> depthwise Conv 3x3 (group 24) -> Flatten -> Gemm(10)."""
+    inits = dict(
+        c1w=rng.standard_normal((16, 3, 3, 3)) * 0.3, c1b=rng.standard_normal(16) * 0.1,
+        c2w=rng.standard_normal((24, 16, 3, 3)) * 0.1, c2b=rng.standard_normal(24) * 0.1,
+        dww=rng.standard_normal((24, 1, 3, 3)) * 0.3,
+        fw=rng.standard_normal((10, 24 * 6 * 6)) * 0.05, fb=rng.standard_normal(10) * 0.1,
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "c1w", "c1b"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"], name="relu1"),
+        helper.make_node("Conv", ["ar", "c2w", "c2b"], ["b"], name="conv2", pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["b"], ["br"], name="relu2"),
+        helper.make_node("Conv", ["br", "dww"], ["d"], name="dw", pads=[1, 1, 1, 1], group=24),
+        helper.make_node("Flatten", ["d"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1),
+    ]
+    return Built(make_model(nodes, inits, [3, 12, 12]))
+
+
+@pytest.fixture
+def built():
+    return Built
