@@ -8,7 +8,7 @@ else counts as zero MACs, the usual convention of FLOP counters in this field.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,7 +52,7 @@ class ModelProfile:
 
 
 # op_type -> fn(node, shapes, initializers) -> MACs; custom ops add themselves here.
-MacCounter = Callable[[onnx.NodeProto, dict[str, Shape], dict[str, np.ndarray]], int]
+MacCounter = Callable[[onnx.NodeProto, dict[str, Shape], Mapping[str, np.ndarray]], int]
 MAC_COUNTERS: dict[tuple[str, str], MacCounter] = {}
 
 
@@ -64,6 +64,41 @@ def register_mac_counter(op_type: str, domain: str = "") -> Callable[[MacCounter
         return fn
 
     return wrap
+
+
+# Element types that hold learned values. Integer tensors of other types are shapes, axes or
+# indices (Reshape's shape, Gather's indices), not parameters.
+_PARAM_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.INT4,
+        onnx.TensorProto.UINT4,
+    }
+)
+
+
+class _LazyArrays(Mapping):
+    """Initializers as numpy arrays, converted only when a MAC counter asks for one."""
+
+    def __init__(self, tensors: dict[str, onnx.TensorProto]):
+        self._tensors = tensors
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self._tensors[name])
+        return self._arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -130,8 +165,8 @@ def static_shapes(model: onnx.ModelProto, batch: int = 1) -> tuple[dict[str, Sha
                 d.dim_value = batch
     inferred = shape_inference.infer_shapes(model, data_prop=True)
     shapes: dict[str, Shape] = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(
-        inferred.graph.output
+    for vi in (
+        list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
     ):
         t = vi.type.tensor_type
         if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
@@ -139,6 +174,10 @@ def static_shapes(model: onnx.ModelProto, batch: int = 1) -> tuple[dict[str, Sha
     for init in inferred.graph.initializer:
         shapes[init.name] = tuple(init.dims)
     first = graph_inputs[0]
+    if first.name not in shapes:
+        raise UnsupportedModelError(
+            f"input '{first.name}' has no static shape (rank unknown); pass --input-shape"
+        )
     return shapes, shapes[first.name]
 
 
@@ -151,6 +190,7 @@ def profile_model(model: onnx.ModelProto, file_bytes: int | None = None) -> Mode
             tensor = _attr(node, "value")
             if tensor is not None:
                 inits[node.output[0]] = tensor
+    arrays = _LazyArrays(inits)
     counted: set[str] = set()
     layers: list[LayerProfile] = []
     ops: dict[str, int] = {}
@@ -158,16 +198,22 @@ def profile_model(model: onnx.ModelProto, file_bytes: int | None = None) -> Mode
         if node.op_type == "Constant":
             continue
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        # Every constant input holding learned values is a parameter, in whichever slot it
+        # sits (Gather's table is input 0); a tensor shared by several nodes counts once,
+        # at its first consumer.
+        weights = [n for n in node.input if n in inits and inits[n].data_type in _PARAM_TYPES]
         params = 0
-        weight_shape = None
-        for name in node.input[1:]:
-            if name in inits and name not in counted:
+        for name in weights:
+            if name not in counted:
                 counted.add(name)
                 params += math.prod(inits[name].dims)
-        if len(node.input) > 1 and node.input[1] in inits:
+        weight_shape = None
+        if len(node.input) > 1 and node.input[1] in weights:
             weight_shape = tuple(inits[node.input[1]].dims)
+        elif weights:
+            weight_shape = tuple(inits[weights[0]].dims)
         counter = MAC_COUNTERS.get((node.domain or "", node.op_type))
-        macs = int(counter(node, shapes, {})) if counter else 0
+        macs = int(counter(node, shapes, arrays)) if counter else 0
         layers.append(
             LayerProfile(
                 name=node.name or f"{node.op_type}_{i}",
@@ -179,9 +225,7 @@ def profile_model(model: onnx.ModelProto, file_bytes: int | None = None) -> Mode
                 macs=macs,
             )
         )
-    # Initializers not consumed by any node's weight slot (e.g. graph-level constants) still
-    # take space in the file.
-    params = sum(math.prod(t.dims) for n, t in inits.items() if n in counted)
+    params = sum(math.prod(inits[n].dims) for n in counted)
     return ModelProfile(
         layers=tuple(layers),
         params=params,
