@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
-import torch.nn.functional as F
 
 from compressor import runtime
 from compressor.errors import DataError
@@ -113,24 +112,40 @@ class Moments:
         return self.outer / max(self.count, 1) - np.outer(mean, mean)
 
 
-def conv_patches(x: np.ndarray, attrs: ConvAttributes) -> np.ndarray:
-    """im2col rows of a 2-D Conv input: (N * out positions, C * kh * kw), channel-major like
-    the flattened ONNX weight, so ``patches @ W.reshape(M, -1).T`` is the convolution."""
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+def conv_patches(
+    x: np.ndarray,
+    attrs: ConvAttributes,
+    max_rows: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """im2col rows of a 2-D Conv input: (rows, C * kh * kw), channel-major like the flattened
+    ONNX weight, so ``patches @ W.reshape(M, -1).T`` is the convolution at those positions.
+
+    Every output position of every sample, or a random subset of ``max_rows`` of them,
+    gathered directly (never materialising the full im2col matrix).
+    """
     top, left, bottom, right = attrs.pads
-    if any(attrs.pads):
-        t = F.pad(t, (left, right, top, bottom))
-    cols = F.unfold(t, attrs.kernel, dilation=attrs.dilations, stride=attrs.strides)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
+    padded = np.pad(x.astype(np.float32, copy=False),
+                    ((0, 0), (0, 0), (top, bottom), (left, right)))
+    n, c, h, w = padded.shape
+    (kh, kw), (sh, sw), (dh, dw) = attrs.kernel, attrs.strides, attrs.dilations
+    h_out = (h - dh * (kh - 1) - 1) // sh + 1
+    w_out = (w - dw * (kw - 1) - 1) // sw + 1
+    total = n * h_out * w_out
+    if max_rows is not None and total > max_rows:
+        rng = rng or np.random.default_rng(0)
+        flat = rng.choice(total, size=max_rows, replace=False)
+    else:
+        flat = np.arange(total)
+    sample, rest = np.divmod(flat, h_out * w_out)
+    oh, ow = np.divmod(rest, w_out)
+    rows = (oh * sh)[:, None] + (np.arange(kh) * dh)[None, :]  # (R, kh)
+    cols = (ow * sw)[:, None] + (np.arange(kw) * dw)[None, :]  # (R, kw)
+    patches = padded[sample[:, None, None, None], np.arange(c)[None, :, None, None],
+                     rows[:, None, :, None], cols[:, None, None, :]]
+    return patches.reshape(len(flat), c * kh * kw)
 
 
 def feature_rows(x: np.ndarray) -> np.ndarray:
     """Rows of a Gemm/MatMul input: everything but the last axis is a sample axis."""
     return x.reshape(-1, x.shape[-1])
-
-
-def subsample_rows(rows: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
-    """At most ``limit`` rows, drawn without replacement (for large im2col matrices)."""
-    if rows.shape[0] <= limit:
-        return rows
-    return rows[rng.choice(rows.shape[0], size=limit, replace=False)]

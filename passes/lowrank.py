@@ -155,12 +155,22 @@ def _as_linear_layer(node: ir.Node, shapes: dict[str, Shape]) -> LinearLayer | s
                        tuple(weight.shape), positions, in_shape, out_shape)
 
 
-def layer_rows(layer: LinearLayer, x: np.ndarray) -> np.ndarray:
-    """The input vectors the layer's W multiplies (im2col patches for a Conv)."""
+def layer_rows(
+    layer: LinearLayer,
+    x: np.ndarray,
+    max_rows: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The input vectors the layer's W multiplies (im2col patches for a Conv), at most
+    ``max_rows`` of them drawn at random."""
     if layer.kind == "conv":
         assert layer.conv is not None
-        return conv_patches(x, layer.conv)
-    return feature_rows(x)
+        return conv_patches(x, layer.conv, max_rows, rng)
+    rows = feature_rows(x)
+    if max_rows is not None and rows.shape[0] > max_rows:
+        rng = rng or np.random.default_rng(0)
+        rows = rows[rng.choice(rows.shape[0], max_rows, replace=False)]
+    return rows
 
 
 def gather_moments(
@@ -185,9 +195,7 @@ def gather_moments(
         for value_name, users in by_input.items():
             x = batch[value_name]
             for layer in users:
-                rows = layer_rows(layer, x)
-                if rows.shape[0] > max_rows_per_batch:
-                    rows = rows[rng.choice(rows.shape[0], max_rows_per_batch, replace=False)]
+                rows = layer_rows(layer, x, max_rows_per_batch, rng)
                 moments[layer.name].add(rows)
 
     calibration.stream(model, list(by_input), consume, label="input statistics")
