@@ -43,9 +43,10 @@ class Calibration:
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def _session_with_outputs(self, model: ir.Model, names: Iterable[str]):
-        proto = ir.serde.serialize_model(model)
-        proto = onnx.ModelProto.FromString(proto.SerializeToString())  # never touch the caller's
+    def _session_with_outputs(self, model: ir.Model | onnx.ModelProto, names: Iterable[str]):
+        if isinstance(model, ir.Model):
+            model = ir.serde.serialize_model(model)
+        proto = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
         present = {o.name for o in proto.graph.output}
         for name in names:
             if name not in present:
@@ -68,6 +69,28 @@ class Calibration:
             batch = self.inputs[start : start + self.batch_size]
             outputs = sess.run(value_names, {input_name: batch})
             consume(dict(zip(value_names, outputs, strict=True)))
+            if self.progress is not None:
+                self.progress(label, min(start + self.batch_size, total), total)
+
+    def stream_pair(
+        self,
+        first: tuple[ir.Model | onnx.ModelProto, list[str]],
+        second: tuple[ir.Model | onnx.ModelProto, list[str]],
+        consume: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None],
+        label: str = "calibrating",
+    ) -> None:
+        """Run two models on the same batches (e.g. the original and the partly compressed
+        one) and call ``consume`` with both sets of named tensors."""
+        sessions = [self._session_with_outputs(m, names) for m, names in (first, second)]
+        inputs = [s.get_inputs()[0].name for s in sessions]
+        total = len(self.inputs)
+        for start in range(0, total, self.batch_size):
+            batch = self.inputs[start : start + self.batch_size]
+            got = []
+            for sess, input_name, (_, names) in zip(sessions, inputs, (first, second),
+                                                    strict=True):
+                got.append(dict(zip(names, sess.run(names, {input_name: batch}), strict=True)))
+            consume(*got)
             if self.progress is not None:
                 self.progress(label, min(start + self.batch_size, total), total)
 
@@ -110,6 +133,48 @@ class Moments:
         """Centered covariance E[(x - mu)(x - mu)^T]."""
         mean = self.mean
         return self.outer / max(self.count, 1) - np.outer(mean, mean)
+
+
+@dataclass
+class CrossMoments:
+    """Running moments of paired vectors: x from the original model, x_hat from the
+    compressed one, at the same positions of the same inputs."""
+
+    count: int
+    total: np.ndarray  # sum of x
+    total_hat: np.ndarray  # sum of x_hat
+    cross: np.ndarray  # sum of x x_hat^T
+    outer_hat: np.ndarray  # sum of x_hat x_hat^T
+
+    @classmethod
+    def zeros(cls, dim: int) -> CrossMoments:
+        return cls(0, np.zeros(dim), np.zeros(dim), np.zeros((dim, dim)), np.zeros((dim, dim)))
+
+    def add(self, rows: np.ndarray, rows_hat: np.ndarray) -> None:
+        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        xh = torch.from_numpy(np.ascontiguousarray(rows_hat, dtype=np.float32))
+        self.count += rows.shape[0]
+        self.total += x.sum(0, dtype=torch.float64).numpy()
+        self.total_hat += xh.sum(0, dtype=torch.float64).numpy()
+        self.cross += (x.T @ xh).double().numpy()
+        self.outer_hat += (xh.T @ xh).double().numpy()
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def mean_hat(self) -> np.ndarray:
+        return self.total_hat / max(self.count, 1)
+
+    @property
+    def cross_covariance(self) -> np.ndarray:
+        """E[(x - mu)(x_hat - mu_hat)^T]."""
+        return self.cross / max(self.count, 1) - np.outer(self.mean, self.mean_hat)
+
+    @property
+    def covariance_hat(self) -> np.ndarray:
+        return self.outer_hat / max(self.count, 1) - np.outer(self.mean_hat, self.mean_hat)
 
 
 def conv_patches(

@@ -15,10 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from compressor.passes.base import LayerRecord
-from compressor.passes.calibrate import Calibration, Moments, conv_patches, feature_rows
+from compressor.passes.calibrate import (
+    Calibration,
+    CrossMoments,
+    Moments,
+    conv_patches,
+    feature_rows,
+)
 from compressor.passes.graph import (
     ConvAttributes,
     NameScope,
@@ -199,6 +206,33 @@ def gather_moments(
                 moments[layer.name].add(rows)
 
     calibration.stream(model, list(by_input), consume, label="input statistics")
+    return moments
+
+
+def gather_cross_moments(
+    calibration: Calibration,
+    original: onnx.ModelProto,
+    current: ir.Model,
+    layer: LinearLayer,
+    max_rows_per_batch: int = 20000,
+    seed: int = 0,
+) -> CrossMoments:
+    """Paired input statistics of one layer: what it saw in the original model and what it
+    sees now that the layers before it are compressed (same inputs, same positions)."""
+    name = layer.node.inputs[0].name
+    moments = CrossMoments.zeros(layer.fan_in)
+    batch_index = [0]
+
+    def consume(ref: dict[str, np.ndarray], now: dict[str, np.ndarray]) -> None:
+        batch_seed = seed + batch_index[0]
+        batch_index[0] += 1
+        rows = layer_rows(layer, ref[name], max_rows_per_batch, np.random.default_rng(batch_seed))
+        rows_hat = layer_rows(layer, now[name], max_rows_per_batch,
+                              np.random.default_rng(batch_seed))
+        moments.add(rows, rows_hat)
+
+    calibration.stream_pair((original, [name]), (current, [name]), consume,
+                            label=f"refit {layer.name}")
     return moments
 
 

@@ -27,11 +27,12 @@ import onnx_ir as ir
 from compressor.errors import OptionError
 from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
 from compressor.passes.budget import Option, allocate
-from compressor.passes.calibrate import Calibration
+from compressor.passes.calibrate import Calibration, CrossMoments
 from compressor.passes.graph import ConvAttributes, NameScope, add_initializer, conv_node, replace_node
 from compressor.passes.lowrank import (
     LinearLayer,
     find_linear_layers,
+    gather_cross_moments,
     gather_moments,
     mean_correction,
     relative_error,
@@ -47,19 +48,29 @@ MAX_SPATIAL_RANKS = 24
 class SVDConfig(PassConfig):
     """ratio: fraction of the model's MACs to keep (used unless rank or energy is set).
     rank: one rank for every layer. energy: per layer, keep this fraction of the output energy.
-    allow_costlier: factorise even where it does not save MACs (for tests of the exact case)."""
+    allow_costlier: factorise even where it does not save MACs (for tests of the exact case).
+    rank_multiple: ranks are multiples of this (or the full rank): onnxruntime's blocked
+    (NCHWc) convolutions and GEMM tiles want channel counts in multiples of 8, and an odd rank
+    saves MACs but not time.
+    sequential: with calibration data, fit each channel-factorised layer, in graph order, to
+    the inputs it sees once the layers before it are compressed (asymmetric reconstruction,
+    Zhang et al. 2016), so errors do not pile up through the network."""
 
     ratio: float = 0.5
     rank: int | None = None
     energy: float | None = None
     schemes: tuple[str, ...] = SCHEMES
     allow_costlier: bool = False
+    rank_multiple: int = 8
+    sequential: bool = True
     max_rows_per_batch: int = 20000
     seed: int = 0
 
     def __post_init__(self):
         if not 0 < self.ratio <= 1:
             raise OptionError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if self.rank_multiple < 1:
+            raise OptionError(f"rank multiple must be >= 1, got {self.rank_multiple}")
         if self.rank is not None and self.rank < 1:
             raise OptionError(f"--rank must be >= 1, got {self.rank}")
         if self.energy is not None and not 0 < self.energy <= 1:
@@ -130,15 +141,25 @@ class LowRankSVDPass(Pass):
 
         names = NameScope(model.graph)
         basis = "calibration" if data_aware else "weights"
+        sequential = data_aware and cfg.sequential
+        upstream_changed = False
         for layer, choice in zip(layers, chosen, strict=True):
             analysis = analyses[layer.name]
             if choice is None:
                 records.append(layer.record(skipped=analysis.dense_reason, error=0.0))
                 continue
-            macs, params, shape_after, detail = analysis.apply(model, choice, names)
+            error = relative_error(choice.sq_error, 1.0)
+            if sequential and upstream_changed and choice.scheme == "channel":
+                paired = gather_cross_moments(self.calibration, proto, model, layer,
+                                              cfg.max_rows_per_batch, cfg.seed)
+                macs, params, shape_after, detail, error = analysis.apply_asymmetric(
+                    model, choice, names, paired)
+            else:
+                macs, params, shape_after, detail = analysis.apply(model, choice, names)
+            upstream_changed = True
             records.append(layer.record(
                 shape_after=shape_after, macs_after=macs, params_after=params,
-                error=relative_error(choice.sq_error, 1.0), error_basis=basis, detail=detail,
+                error=error, error_basis=basis, detail=detail,
             ))
         macs_after = fixed_macs + sum(r.macs_after for r in records if r.macs_before)
         return PassResult(
@@ -180,7 +201,7 @@ class _LayerAnalysis:
             return []
         tail = np.concatenate([np.cumsum(self.eigvals[::-1])[::-1], [0.0]])
         out = []
-        for r in ranks or range(1, self.max_rank + 1):
+        for r in ranks or self._rank_grid(self.max_rank):
             if not self._affordable(self.layer.two_stage_macs(r)):
                 break
             rel = tail[r] / self.energy if self.energy > 0 else 0.0
@@ -218,7 +239,7 @@ class _LayerAnalysis:
     def _spatial_choices(self, ranks: list[int] | None = None) -> list[_Choice]:
         if self._spatial is None:
             return []
-        ranks = [r for r in ranks or range(1, len(self._spatial[1]) + 1)
+        ranks = [r for r in ranks or self._rank_grid(len(self._spatial[1]))
                  if self._affordable(self._spatial_macs(r))]
         if len(ranks) > MAX_SPATIAL_RANKS:
             idx = np.unique(np.linspace(0, len(ranks) - 1, MAX_SPATIAL_RANKS).round().astype(int))
@@ -229,6 +250,11 @@ class _LayerAnalysis:
             sq = float(np.sum((delta @ self.cov) * delta))
             out.append(_Choice("spatial", r, sq / self.energy if self.energy > 0 else 0.0))
         return out
+
+    def _rank_grid(self, max_rank: int) -> list[int]:
+        step = self.cfg.rank_multiple
+        grid = list(range(step, max_rank, step)) + [max_rank]
+        return grid
 
     def _affordable(self, macs: int) -> bool:
         return self.cfg.allow_costlier or macs < self.layer.dense_macs
@@ -264,6 +290,31 @@ class _LayerAnalysis:
         return len(self._spatial[1])
 
     # -- rewriting -------------------------------------------------------------------------
+    def apply_asymmetric(self, model: ir.Model, choice: _Choice, names: NameScope,
+                         paired: CrossMoments):
+        """Channel factorisation fitted to the compressed network's inputs: the rank-r W'
+        minimising E||W (x - mu) - W' (x_hat - mu_hat)||^2 (reduced-rank regression)."""
+        layer, r = self.layer, choice.rank
+        w = layer.weight
+        cross, cov_hat = paired.cross_covariance, paired.covariance_hat
+        ridge = 1e-6 * max(np.trace(cov_hat) / len(cov_hat), 1e-12)
+        w_ls = np.linalg.solve(cov_hat + ridge * np.eye(len(cov_hat)), cross.T @ w.T).T
+        fitted = w_ls @ cov_hat @ w_ls.T
+        eigvals, eigvecs = np.linalg.eigh((fitted + fitted.T) / 2)
+        basis = eigvecs[:, np.argsort(eigvals)[::-1][:r]]
+        project = basis.T @ w_ls
+        approx = basis @ project
+        bias = (np.zeros(layer.outputs) if layer.bias is None else layer.bias.copy())
+        bias += w @ paired.mean - approx @ paired.mean_hat
+        replace_with_two_stage(model, layer, project, basis, bias, names, f"svd{r}")
+        energy = float(np.sum((w @ self.cov) * w))
+        sq = (energy - 2 * float(np.sum((approx @ cross.T) * w))
+              + float(np.sum((approx @ cov_hat) * approx)))
+        error = relative_error(sq, energy)
+        shape_after = (r, *layer.original_weight_shape[1:])
+        return (layer.two_stage_macs(r), layer.two_stage_params(r), shape_after,
+                f"channel rank {r}, refit", error)
+
     def apply(self, model: ir.Model, choice: _Choice, names: NameScope):
         layer = self.layer
         r = choice.rank

@@ -86,3 +86,20 @@ def convnet(rng):
 @pytest.fixture
 def built():
     return Built
+
+
+@pytest.fixture
+def deep_mlp(rng):
+    """x(24) -> 48 -> 48 -> 48 -> 10, Gemm + Relu."""
+    dims = [24, 48, 48, 48, 10]
+    inits, nodes, prev = {}, [], "x"
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        inits[f"w{i}"] = rng.standard_normal((b, a)) / np.sqrt(a)
+        inits[f"b{i}"] = rng.standard_normal(b) * 0.1
+        out = "y" if i == len(dims) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [out], name=f"fc{i}",
+                                      transB=1))
+        if out != "y":
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+            prev = f"r{i}"
+    return Built(make_model(nodes, inits, [24]))
