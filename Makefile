@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.compressor-installed
 # Reinstall (and so rebuild the custom-op library) whenever packaging or C++/CUDA sources change.
-BUILD_INPUTS := pyproject.toml $(shell find runtime_ext -type f 2>/dev/null)
+BUILD_INPUTS := pyproject.toml compressor/runtime.py $(shell find runtime_ext -type f 2>/dev/null)
 # The CPU build of torch that this machine serves locally; an unpinned torch pulls GBs of CUDA.
 TORCH_PIN ?= torch==2.13.0
 EXTRAS ?= cpu,test
@@ -15,7 +15,7 @@ DEMO_ARCH ?= vgg
 DEMO_DATA ?= models/data/fashion_mnist_eval.npz
 DEMO_OUT ?= build/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-cuda lint bench clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): failing"; exit 1; fi; exit $$rc
+
+# CUDA kernels against the CPU ones on a GPU machine, in a separate venv (never both
+# onnxruntime and onnxruntime-gpu in one): make test-cuda VENV=.venv-gpu EXTRAS=gpu,test
+test-cuda: $(STAMP)
+	$(PY) -m pytest -m cuda $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check compressor passes models tests bench

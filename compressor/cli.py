@@ -1,0 +1,358 @@
+"""The command line: a thin click layer over compressor.pipeline, evaluate and profile.
+
+A ``CompressionError`` (a problem with the user's files or options) becomes one line on stderr
+and a non-zero exit; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from compressor import __version__
+from compressor.errors import CompressionError, OptionError
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def _friendly_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CompressionError as e:
+            stderr.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+def _input_shape(ctx, param, value):
+    if value is None:
+        return None
+    from compressor.io import parse_input_shape
+
+    try:
+        return parse_input_shape(value)
+    except OptionError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+def _method_names() -> list[str]:
+    from compressor.methods import METHODS
+
+    return list(METHODS)
+
+
+model_loading = [
+    click.option(
+        "--arch",
+        help="Model-zoo architecture of a state-dict checkpoint (see `compressor inspect --zoo`).",
+    ),
+    click.option(
+        "--input-shape",
+        callback=_input_shape,
+        help="Per-sample input shape, e.g. 1,28,28, for files that do not record one.",
+    ),
+    click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Allow loading a pickled nn.Module (a pickle can run code: only for files you trust).",
+    ),
+]
+
+
+def _apply(options):
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="compressor")
+def main():
+    """Compress trained models into smaller, faster ONNX graphs for onnxruntime."""
+
+
+@main.command("compress")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--method", "-m", required=True, type=click.Choice(_method_names()), help="Compression method."
+)
+@click.option(
+    "--ratio",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Fraction of the model's MACs to keep, in (0, 1].",
+)
+@click.option(
+    "--data",
+    help="Calibration data: .npz (x, optional y), an image folder, or a "
+    "dataset name (fashion-mnist, digits). Without it, methods run data-free.",
+)
+@click.option(
+    "--calib-samples",
+    type=int,
+    default=512,
+    show_default=True,
+    help="Number of calibration samples taken from --data.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output .onnx file (written atomically; never the input).",
+)
+@_apply(model_loading)
+@click.option("--rank", type=int, help="svd: one rank for every layer (instead of --ratio).")
+@click.option(
+    "--energy",
+    type=float,
+    help="svd: keep this fraction of each layer's output energy (instead of --ratio).",
+)
+@click.option(
+    "--scheme",
+    "schemes",
+    multiple=True,
+    type=click.Choice(["channel", "spatial"]),
+    help="svd: factorisation schemes to consider (default: both).",
+)
+@click.option(
+    "--sketches",
+    type=int,
+    default=2,
+    show_default=True,
+    help="sketch: number of sketches averaged.",
+)
+@click.option("--sketch-rows", type=int, help="sketch: rows per sketch for every layer.")
+@click.option(
+    "--no-refit",
+    is_flag=True,
+    help="sketch: keep the averaged sign matrices even with calibration data.",
+)
+@click.option(
+    "--threshold", type=float, help="diffconv: skip input differences with |d| <= threshold."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="onnxruntime provider for calibration and checks.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or tables.")
+@_friendly_errors
+def compress_command(
+    model,
+    method,
+    ratio,
+    data,
+    calib_samples,
+    output,
+    arch,
+    input_shape,
+    trust_pickle,
+    rank,
+    energy,
+    schemes,
+    sketches,
+    sketch_rows,
+    no_refit,
+    threshold,
+    seed,
+    provider,
+    as_json,
+    quiet,
+):
+    """Compress MODEL (.onnx, TorchScript .pt, torch.export .pt2, or a state dict with --arch)."""
+    from compressor import report
+    from compressor.pipeline import CompressOptions, compress
+    from compressor.progress import progress_bars
+
+    opts = CompressOptions(
+        model=model,
+        output=output,
+        method=method,
+        ratio=ratio,
+        data=data,
+        calib_samples=calib_samples,
+        arch=arch,
+        input_shape=input_shape,
+        trust_pickle=trust_pickle,
+        seed=seed,
+        provider=provider,
+        rank=rank,
+        energy=energy,
+        schemes=tuple(schemes) or ("channel", "spatial"),
+        sketches=sketches,
+        sketch_rows=sketch_rows,
+        refit=not no_refit,
+        threshold=threshold,
+    )
+    with progress_bars(enabled=not quiet and not as_json) as progress:
+        result = compress(opts, progress)
+    if as_json:
+        click.echo(
+            report.to_json(
+                {
+                    "output": str(result.output),
+                    "before": result.before,
+                    "after": result.after,
+                    "ratio_requested": result.ratio_requested,
+                    "ratio_reached": result.ratio_reached,
+                    "verification": result.verification,
+                    "notes": result.notes,
+                    "layers": [layer.as_dict() for layer in result.layers],
+                }
+            )
+        )
+        return
+    if quiet:
+        return
+    stdout.print(report.layer_table(result.layers, title=f"{method}: layers"))
+    stdout.print(
+        report.summary_table(
+            result.before,
+            result.after,
+            requested_ratio=result.ratio_requested,
+            ratio_of="macs",
+            output_error=result.verification.relative_error,
+            agreement=result.verification.agreement,
+            samples=result.verification.samples,
+        )
+    )
+    for note in result.notes:
+        stdout.print(f"[yellow]note:[/] {note}", highlight=False)
+    stdout.print(f"wrote [bold]{result.output}[/]", highlight=False)
+
+
+@main.command("evaluate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    help="The original model, to compare against (any format compress reads).",
+)
+@_apply(model_loading)
+@click.option("--data", help="Evaluation data (.npz, image folder, fashion-mnist, digits).")
+@click.option("--limit", type=int, help="Use only the first N samples of --data.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--batch-size",
+    "batch_sizes",
+    type=int,
+    multiple=True,
+    help="Batch sizes to time (default: 1 and 64).",
+)
+@click.option("--threads", type=int, help="onnxruntime intra-op threads.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also write a summary PNG here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_friendly_errors
+def evaluate_command(
+    model,
+    reference,
+    arch,
+    input_shape,
+    trust_pickle,
+    data,
+    limit,
+    provider,
+    batch_sizes,
+    threads,
+    plot,
+    as_json,
+):
+    """Accuracy, agreement, latency, size, parameters and MACs of MODEL (vs --reference)."""
+    from compressor import io, report
+    from compressor.data import load_data
+    from compressor.evaluate import evaluate
+
+    candidate = io.load_model(model, input_shape=input_shape)
+    ref = None
+    if reference is not None:
+        ref = io.load_model(
+            reference,
+            arch=arch,
+            input_shape=input_shape or candidate.input_shape,
+            trust_pickle=trust_pickle,
+        )
+    dataset = None
+    if data is not None:
+        dataset = load_data(data, split="test", limit=limit, input_shape=candidate.input_shape)
+    kwargs = {"batch_sizes": tuple(batch_sizes)} if batch_sizes else {}
+    result = evaluate(
+        candidate.proto if candidate.source_format != "onnx" else model,
+        reference=None
+        if ref is None
+        else (ref.proto if ref.source_format != "onnx" else reference),
+        data=dataset,
+        provider=provider,
+        threads=threads,
+        progress=not as_json,
+        plot_path=plot,
+        candidate_name=Path(model).name,
+        reference_name=None if reference is None else Path(reference).name,
+        **kwargs,
+    )
+    if as_json:
+        click.echo(report.to_json(result.to_dict()))
+        return
+    stdout.print(report.evaluation_table(result))
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@_apply(model_loading)
+@click.option("--zoo", "list_zoo", is_flag=True, help="List the model zoo instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+@_friendly_errors
+def inspect_command(model, arch, input_shape, trust_pickle, list_zoo, as_json):
+    """Per-layer ops, shapes, parameters and MACs of MODEL."""
+    from compressor import io, report
+    from compressor.pipeline import read_recipe
+    from compressor.profile import profile_model
+
+    if list_zoo:
+        from compressor.models import zoo
+
+        for name in zoo.names():
+            entry = zoo.get(name)
+            stdout.print(f"[bold]{name}[/]  {entry.description}", highlight=False)
+        return
+    if model is None:
+        raise OptionError("give a MODEL to inspect (or --zoo to list the model zoo)")
+    loaded = io.load_model(model, arch=arch, input_shape=input_shape, trust_pickle=trust_pickle)
+    size = Path(model).stat().st_size if Path(model).is_file() else None
+    profile = profile_model(loaded.proto, file_bytes=size)
+    recipe = read_recipe(loaded.proto)
+    if as_json:
+        click.echo(report.to_json({"profile": profile, "recipe": recipe}))
+        return
+    stdout.print(report.profile_table(profile, title=str(model)))
+    if recipe is not None:
+        stdout.print(
+            f"compressed by compressor {recipe['versions'].get('compressor')}: "
+            f"method {recipe['method']}, MACs ratio {recipe['ratio_reached']:.3f}",
+            highlight=False,
+        )
+
+
+def compress_main():
+    """The ``compress`` console script: the same as ``compressor compress``."""
+    sys.exit(compress_command.main(prog_name="compress"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

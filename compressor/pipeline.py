@@ -1,0 +1,298 @@
+"""The compression pipeline: load -> clean up -> calibrate -> method passes -> verify -> save.
+
+Everything the ``compress`` command does is here, callable from Python::
+
+    from compressor.pipeline import CompressOptions, compress
+    result = compress(CompressOptions(model="vgg.pt", arch="vgg", method="svd", ratio=0.5,
+                                      data="calib.npz", output="vgg_svd.onnx"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+import compressor
+from compressor import io, runtime
+from compressor.data import Dataset, load_data
+from compressor.errors import DataError, OptionError, VerificationError
+from compressor.methods import METHODS
+from compressor.passes.base import PassManager, PassResult
+from compressor.passes.calibrate import Calibration
+from compressor.passes.cleanup import CleanupPass
+from compressor.profile import ModelProfile, profile_model
+from compressor.progress import ProgressReporter
+
+RECIPE_KEY = "compressor.recipe"
+MAX_IR_VERSION = 10  # onnxruntime >= 1.21 reads it; onnx >= 1.23 would write 14 by default
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Everything ``compressor compress`` accepts."""
+
+    model: str | Path
+    output: str | Path
+    method: str
+    ratio: float = 0.5
+    data: str | None = None
+    calib_samples: int = 512
+    arch: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    trust_pickle: bool = False
+    seed: int = 0
+    provider: str = "cpu"
+    # svd
+    rank: int | None = None
+    energy: float | None = None
+    schemes: tuple[str, ...] = ("channel", "spatial")
+    # sketch
+    sketches: int = 2
+    sketch_rows: int | None = None
+    refit: bool = True
+    # diffconv
+    threshold: float | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise OptionError(f"unknown --method '{self.method}': choose from {', '.join(METHODS)}")
+        if not 0 < self.ratio <= 1:
+            raise OptionError(
+                f"--ratio must be in (0, 1] (the fraction of MACs to keep), got {self.ratio}"
+            )
+        if self.calib_samples < 1:
+            raise OptionError(f"--calib-samples must be >= 1, got {self.calib_samples}")
+
+
+@dataclass
+class Verification:
+    """Checks of the compressed model against the original on the same inputs."""
+
+    inputs: str  # "calibration" or "random"
+    samples: int
+    agreement: float
+    max_abs_diff: float
+    mean_abs_diff: float
+    relative_error: float
+    checker: bool = True
+    onnxruntime: bool = True
+
+
+@dataclass
+class CompressionResult:
+    output: Path
+    method: str
+    ratio_requested: float
+    before: ModelProfile
+    after: ModelProfile
+    passes: list[PassResult]
+    verification: Verification
+    notes: list[str] = field(default_factory=list)
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio_reached(self) -> float:
+        return self.after.macs / self.before.macs if self.before.macs else 1.0
+
+    @property
+    def layers(self):
+        return [layer for p in self.passes for layer in p.layers]
+
+
+def _noop(label: str, done: int, total: int) -> None:
+    pass
+
+
+def _load_calibration_data(opts: CompressOptions) -> Dataset | None:
+    if opts.data is None:
+        return None
+    return load_data(opts.data, split="train", limit=opts.calib_samples)
+
+
+def _fit_to_shape(data: Dataset, shape: tuple[int, ...], source: str) -> np.ndarray:
+    x = data.x
+    if tuple(x.shape[1:]) == tuple(shape):
+        return x
+    per_sample = int(np.prod(x.shape[1:]))
+    if per_sample == int(np.prod(shape)):
+        return x.reshape((len(x), *shape))
+    raise DataError(
+        f"data '{source}' has samples of shape {tuple(x.shape[1:])} but the model expects "
+        f"{tuple(shape)}"
+    )
+
+
+def verify(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    inputs: np.ndarray,
+    provider: str = "cpu",
+    label: str = "calibration",
+) -> Verification:
+    """onnx.checker, onnxruntime load and run, and output comparison with the original."""
+    try:
+        onnx.checker.check_model(compressed, full_check=True)
+    except Exception as e:  # onnx raises several types
+        raise VerificationError(f"compressed model fails onnx.checker: {e}") from e
+    try:
+        sess_new = runtime.session(compressed, provider=provider)
+        sess_ref = runtime.session(original, provider=provider)
+    except Exception as e:
+        raise VerificationError(f"onnxruntime cannot load the compressed model: {e}") from e
+    name_new, name_ref = sess_new.get_inputs()[0].name, sess_ref.get_inputs()[0].name
+    ys_new, ys_ref = [], []
+    for start in range(0, len(inputs), 256):
+        batch = inputs[start : start + 256]
+        ys_new.append(sess_new.run(None, {name_new: batch})[0])
+        ys_ref.append(sess_ref.run(None, {name_ref: batch})[0])
+    y_new, y_ref = np.concatenate(ys_new), np.concatenate(ys_ref)
+    if y_new.shape != y_ref.shape:
+        raise VerificationError(f"output shape changed: {y_ref.shape} -> {y_new.shape}")
+    if not np.all(np.isfinite(y_new)):
+        raise VerificationError("compressed model produces non-finite outputs")
+    diff = np.abs(y_new - y_ref)
+    agreement = float(
+        np.mean(y_new.reshape(len(y_new), -1).argmax(1) == y_ref.reshape(len(y_ref), -1).argmax(1))
+    )
+    rel = float(np.linalg.norm(y_new - y_ref) / max(np.linalg.norm(y_ref), 1e-30))
+    return Verification(label, len(inputs), agreement, float(diff.max()), float(diff.mean()), rel)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    versions = {
+        "compressor": compressor.__version__,
+        "onnx": onnx.__version__,
+        "python": platform.python_version(),
+    }
+    for module in ("onnxruntime", "torch", "onnx_ir", "onnxscript", "numpy"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - optional
+            pass
+    return versions
+
+
+def compress(opts: CompressOptions, progress: ProgressReporter | None = None) -> CompressionResult:
+    """Compress ``opts.model`` with ``opts.method`` and write ``opts.output`` atomically."""
+    report = progress or _noop
+    output = Path(opts.output)
+    if output.suffix.lower() != ".onnx":
+        raise OptionError(f"output '{output}' must end in .onnx")
+
+    data = _load_calibration_data(opts)
+    loaded = io.load_model(
+        opts.model,
+        arch=opts.arch,
+        input_shape=opts.input_shape,
+        trust_pickle=opts.trust_pickle,
+        sample_input_shape=None if data is None else tuple(data.x.shape[1:]),
+    )
+    if Path(opts.model).resolve() == output.resolve():
+        raise OptionError(f"output '{output}' is the input file; choose another -o")
+    report("load model", 1, 1)
+
+    model = ir.serde.deserialize_model(loaded.proto)
+    cleanup = CleanupPass()(model)
+    model = cleanup.model
+    original = ir.serde.serialize_model(model)
+    original.ir_version = min(original.ir_version, MAX_IR_VERSION)
+    before = profile_model(original)
+    report("clean up", 1, 1)
+
+    calibration = None
+    notes = list(cleanup.notes)
+    if data is not None:
+        x = _fit_to_shape(data, loaded.input_shape, str(opts.data))
+        calibration = Calibration(x, provider=opts.provider, progress=report)
+    else:
+        notes.append(f"no --data: {opts.method} runs in its data-free form")
+
+    passes = METHODS[opts.method].build(opts, calibration)
+    manager = PassManager(passes, on_start=lambda p, i, n: report(f"pass {p.name}", i, n))
+    model, results = manager(model)
+    # weights of replaced layers are now unused initializers: drop them
+    model = RemoveUnusedNodesPass()(model).model
+    report(f"pass {passes[-1].name}", len(passes), len(passes))
+    for r in results:
+        notes.extend(r.notes)
+
+    compressed = ir.serde.serialize_model(model)
+    compressed.ir_version = min(compressed.ir_version, MAX_IR_VERSION)
+    after = profile_model(compressed)
+
+    if calibration is not None:
+        check_inputs, label = calibration.inputs, "calibration"
+    else:
+        rng = np.random.default_rng(opts.seed)
+        check_inputs = rng.random((64, *loaded.input_shape), dtype=np.float32)
+        label = "random"
+    verification = verify(original, compressed, check_inputs, opts.provider, label)
+    report("verify", 1, 1)
+
+    recipe = {
+        "method": opts.method,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("model", "output")},
+        "source": {
+            "file": Path(opts.model).name,
+            "format": loaded.source_format,
+            "sha256": _file_digest(Path(opts.model)),
+        },
+        "ratio_requested": opts.ratio,
+        "ratio_reached": after.macs / before.macs if before.macs else 1.0,
+        "versions": _versions(),
+        "passes": [repr(p) for p in passes],
+        "layers": [
+            {
+                "name": layer.name,
+                "op": layer.op,
+                "detail": layer.detail,
+                "skipped": layer.skipped,
+                "error": layer.error,
+            }
+            for r in results
+            for layer in r.layers
+        ],
+        "verification": asdict(verification),
+    }
+    _set_metadata(compressed, RECIPE_KEY, json.dumps(recipe, default=str))
+    io.save_model(compressed, output, input_path=opts.model)
+    report("save", 1, 1)
+    after = profile_model(compressed, file_bytes=output.stat().st_size)
+    # the original as ONNX, so both sizes compare like with like (a .pt file is no measure)
+    before = profile_model(original, file_bytes=len(original.SerializeToString()))
+    return CompressionResult(
+        output, opts.method, opts.ratio, before, after, results, verification, notes, recipe
+    )
+
+
+def _set_metadata(proto: onnx.ModelProto, key: str, value: str) -> None:
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    proto.metadata_props.add(key=key, value=value)
+
+
+def read_recipe(proto: onnx.ModelProto) -> dict[str, Any] | None:
+    """The compression recipe stored in a model compressed by compressor, if any."""
+    for prop in proto.metadata_props:
+        if prop.key == RECIPE_KEY:
+            return json.loads(prop.value)
+    return None
