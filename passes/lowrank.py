@@ -287,11 +287,16 @@ def replace_with_two_stage(
         first = ir.node("MatMul", [x, w1], name=names(base + "_project"))
         w2 = add_initializer(graph, names(base + "_lift"), lift.T)
         second = ir.node("MatMul", [first.outputs[0], w2], name=names(base + "_lift"))
+        first.outputs[0].name = names(base + "_hidden")
         if bias is not None and np.any(bias):
+            second.outputs[0].name = names(base + "_unbiased")
             b = add_initializer(graph, names(base + "_bias"), bias)
             third = ir.node("Add", [second.outputs[0], b], name=names(base + "_bias"))
             replace_node(graph, layer.node, [first, second, third])
             return
+    # Name the new intermediate value now: left unnamed, the serializer would invent a
+    # "val_N" name that can collide with the exporter's own.
+    first.outputs[0].name = names(base + "_hidden")
     replace_node(graph, layer.node, [first, second])
 
 

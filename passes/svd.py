@@ -42,6 +42,8 @@ from compressor.profile import profile_model, static_shapes
 
 SCHEMES = ("channel", "spatial")
 MAX_SPATIAL_RANKS = 24
+MIN_ROWS_PER_FEATURE = 4  # calibration rows per fan-in feature needed for the sequential refit
+REFIT_RIDGE = 1e-3  # ridge of the refit, relative to the mean input variance
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,12 @@ class LowRankSVDPass(Pass):
                 records.append(layer.record(skipped=analysis.dense_reason, error=0.0))
                 continue
             error = relative_error(choice.sq_error, 1.0)
-            if sequential and upstream_changed and choice.scheme == "channel":
+            # The refit solves a least-squares problem in the layer's fan-in: with fewer
+            # samples than a few times that (a Gemm after Flatten sees one row per image) it
+            # would fit the calibration set and nothing else.
+            enough = self.calibration is not None and (
+                len(self.calibration) * layer.positions >= MIN_ROWS_PER_FEATURE * layer.fan_in)
+            if sequential and upstream_changed and choice.scheme == "channel" and enough:
                 paired = gather_cross_moments(self.calibration, proto, model, layer,
                                               cfg.max_rows_per_batch, cfg.seed)
                 macs, params, shape_after, detail, error = analysis.apply_asymmetric(
@@ -297,7 +304,7 @@ class _LayerAnalysis:
         layer, r = self.layer, choice.rank
         w = layer.weight
         cross, cov_hat = paired.cross_covariance, paired.covariance_hat
-        ridge = 1e-6 * max(np.trace(cov_hat) / len(cov_hat), 1e-12)
+        ridge = REFIT_RIDGE * max(np.trace(cov_hat) / len(cov_hat), 1e-12)
         w_ls = np.linalg.solve(cov_hat + ridge * np.eye(len(cov_hat)), cross.T @ w.T).T
         fitted = w_ls @ cov_hat @ w_ls.T
         eigvals, eigvecs = np.linalg.eigh((fitted + fitted.T) / 2)
@@ -347,4 +354,5 @@ class _LayerAnalysis:
         wh = add_initializer(graph, names(base + "_horizontal"), horizontal)
         b = None if bias is None else add_initializer(graph, names(base + "_bias"), bias)
         second = conv_node(first.outputs[0], wh, b, h_attrs, names(base + "_horizontal"))
+        first.outputs[0].name = names(base + "_hidden")
         replace_node(graph, layer.node, [first, second])
