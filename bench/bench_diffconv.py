@@ -74,7 +74,7 @@ def zoo_layers(batch: int = 64) -> list[Layer]:
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d) and module.groups == 1 and module.kernel_size == (3, 3):
                 hooks.append(module.register_forward_hook(
-                    lambda mod, inp, out: captured.append((mod, inp[0].detach().numpy().copy()))))
+                    lambda mod, inp, out, sink=captured: sink.append((mod, inp[0].detach().numpy().copy()))))
         with torch.no_grad():
             model(torch.from_numpy(data))
         for hook in hooks:
@@ -164,7 +164,7 @@ def run(quick: bool = False) -> str:
             diff_sessions = [runtime.session(one_node("DiffConv", x.shape, layer, threshold=float(t)))
                              for t in thresholds]
             times = time_side_by_side([conv, *diff_sessions], x, 0.6 if quick else 2.0)
-            for keep, t, session, seconds in zip(KEEP_RATIOS, thresholds, diff_sessions, times[1:]):
+            for keep, t, seconds in zip(KEEP_RATIOS, thresholds, times[1:], strict=True):
                 counted = runtime.session(one_node("DiffConv", x.shape, layer, counts=True, threshold=float(t)))
                 y, (performed, dense) = counted.run(None, {"X": x})
                 error = float(np.linalg.norm(y - reference) / max(np.linalg.norm(reference), 1e-30))

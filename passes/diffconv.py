@@ -242,7 +242,7 @@ def _eligibility(node: ir.Node) -> tuple[_Candidate | None, str | None]:
         if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
             return None, f"auto_pad={auto_pad} with an unknown input size"
         pads_hw = []
-        for size, k, s, d in zip(shape[2:], kernel, strides, dilations):
+        for size, k, s, d in zip(shape[2:], kernel, strides, dilations, strict=True):
             total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
             small, large = total // 2, total - total // 2
             pads_hw.append((small, large) if auto_pad == "SAME_UPPER" else (large, small))
@@ -270,7 +270,6 @@ class ReplaceConvWithDiffConvPass(Pass):
             raise OptionError("diffconv: --ratio needs calibration data (--data)")
 
     def call(self, model: ir.Model) -> PassResult:
-        config: DiffConvConfig = self.config
         graph = model.graph
         records: list[LayerRecord] = []
         candidates: list[_Candidate] = []

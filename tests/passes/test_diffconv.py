@@ -80,7 +80,7 @@ class FakeCalibration:
         for name in value_names:
             proto.graph.output.append(helper.make_empty_tensor_value_info(name))
         outputs = runtime.session(proto).run(value_names, {"x": self.inputs, "W2": self.w2})
-        return dict(zip(value_names, outputs))
+        return dict(zip(value_names, outputs, strict=True))
 
 
 def test_replaces_eligible_convs_and_records_why_others_are_skipped():

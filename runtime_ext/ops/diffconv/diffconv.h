@@ -1,0 +1,161 @@
+// DiffConv: ONNX Conv semantics for 2-D inputs (strides, pads, dilations, group 1, optional
+// bias), computed differentially along each output row.
+//
+// Inputs:  X [N, C, H, W] float, W [M, C, kH, kW] float, B [M] float (optional).
+// Outputs: Y [N, M, OH, OW] float; multiplications (optional) int64 [performed, dense].
+// Attributes: strides, pads, dilations, kernel_shape (checked), group (must be 1),
+//   threshold (float, default 0), restart (int, default 16).
+//
+// Along an output row, window ow = 0, restart, 2*restart, ... is computed directly (every
+// kernel entry multiplied: the restart bounds rounding drift and threshold error); each other
+// window is the previous window's result plus the kernel applied to the difference between
+// its input patch and the previous window's patch, skipping differences with |d| <= threshold.
+// threshold = 0 is exact up to float rounding. "performed" counts the multiplications this
+// algorithm needs: every entry of each restart window plus each kept difference.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/ort_op.h"
+
+namespace compressor {
+
+inline constexpr const char* kDiffConvName = "DiffConv";
+
+struct DiffConvAttributes {
+  std::vector<int64_t> strides{1, 1};
+  std::vector<int64_t> pads{0, 0, 0, 0};  // top, left, bottom, right
+  std::vector<int64_t> dilations{1, 1};
+  std::vector<int64_t> kernel_shape;      // empty: taken from W
+  float threshold = 0.0f;
+  int64_t restart = 16;
+
+  // Reads and validates the node's attributes; throws OpError naming the bad one.
+  static DiffConvAttributes Read(const OrtKernelInfo* info) {
+    DiffConvAttributes a;
+    a.strides = AttributeInts(info, "strides", a.strides);
+    a.pads = AttributeInts(info, "pads", a.pads);
+    a.dilations = AttributeInts(info, "dilations", a.dilations);
+    a.kernel_shape = AttributeInts(info, "kernel_shape", {});
+    a.threshold = AttributeFloat(info, "threshold", a.threshold);
+    a.restart = AttributeInt(info, "restart", a.restart);
+    const int64_t group = AttributeInt(info, "group", 1);
+    const std::string auto_pad = AttributeString(info, "auto_pad", "NOTSET");
+    if (group != 1) {
+      throw OpError("group=" + std::to_string(group) + " is not supported (only group=1)",
+                    ORT_NOT_IMPLEMENTED);
+    }
+    if (auto_pad != "NOTSET") {
+      throw OpError("auto_pad=" + auto_pad + " is not supported: give explicit pads",
+                    ORT_NOT_IMPLEMENTED);
+    }
+    if (a.strides.size() != 2 || a.strides[0] < 1 || a.strides[1] < 1) {
+      throw OpError("strides must be 2 positive ints, got " + ShapeString(a.strides));
+    }
+    if (a.dilations.size() != 2 || a.dilations[0] < 1 || a.dilations[1] < 1) {
+      throw OpError("dilations must be 2 positive ints, got " + ShapeString(a.dilations));
+    }
+    if (a.pads.size() != 4 || a.pads[0] < 0 || a.pads[1] < 0 || a.pads[2] < 0 || a.pads[3] < 0) {
+      throw OpError("pads must be 4 non-negative ints [top, left, bottom, right], got " +
+                    ShapeString(a.pads));
+    }
+    if (!a.kernel_shape.empty() &&
+        (a.kernel_shape.size() != 2 || a.kernel_shape[0] < 1 || a.kernel_shape[1] < 1)) {
+      throw OpError("kernel_shape must be 2 positive ints, got " + ShapeString(a.kernel_shape));
+    }
+    if (!std::isfinite(a.threshold) || a.threshold < 0.0f) {
+      throw OpError("threshold must be a finite float >= 0, got " + std::to_string(a.threshold));
+    }
+    if (a.restart < 1) {
+      throw OpError("restart must be >= 1, got " + std::to_string(a.restart));
+    }
+    return a;
+  }
+};
+
+// Sizes of one DiffConv call, validated against the attributes.
+struct DiffConvGeometry {
+  int64_t N, C, H, W, M, kH, kW, OH, OW;
+  int64_t stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w;
+  int64_t restart;
+  float threshold;
+
+  int64_t K() const { return C * kH * kW; }
+  int64_t DenseMultiplications() const { return N * M * OH * OW * K(); }
+
+  static DiffConvGeometry Make(const DiffConvAttributes& a, const std::vector<int64_t>& x,
+                               const std::vector<int64_t>& w, const std::vector<int64_t>* bias) {
+    if (x.size() != 4) {
+      throw OpError("input X must be 4-D [N, C, H, W], got shape " + ShapeString(x));
+    }
+    if (w.size() != 4) {
+      throw OpError("weight W must be 4-D [M, C, kH, kW], got shape " + ShapeString(w));
+    }
+    if (x[1] != w[1]) {
+      throw OpError("channel mismatch: X " + ShapeString(x) + " has " + std::to_string(x[1]) +
+                    " channels but W " + ShapeString(w) + " expects " + std::to_string(w[1]) +
+                    " (group=1)");
+    }
+    if (!a.kernel_shape.empty() && (a.kernel_shape[0] != w[2] || a.kernel_shape[1] != w[3])) {
+      throw OpError("kernel_shape " + ShapeString(a.kernel_shape) + " does not match W " +
+                    ShapeString(w));
+    }
+    if (w[0] < 1 || w[2] < 1 || w[3] < 1) {
+      throw OpError("weight W has an empty dimension: " + ShapeString(w));
+    }
+    if (bias != nullptr && (bias->size() != 1 || (*bias)[0] != w[0])) {
+      throw OpError("bias B must be 1-D [" + std::to_string(w[0]) + "], got shape " +
+                    ShapeString(*bias));
+    }
+    DiffConvGeometry g{};
+    g.N = x[0];
+    g.C = x[1];
+    g.H = x[2];
+    g.W = x[3];
+    g.M = w[0];
+    g.kH = w[2];
+    g.kW = w[3];
+    g.stride_h = a.strides[0];
+    g.stride_w = a.strides[1];
+    g.pad_top = a.pads[0];
+    g.pad_left = a.pads[1];
+    g.dilation_h = a.dilations[0];
+    g.dilation_w = a.dilations[1];
+    g.restart = a.restart;
+    g.threshold = a.threshold;
+    const int64_t span_h = g.dilation_h * (g.kH - 1) + 1, span_w = g.dilation_w * (g.kW - 1) + 1;
+    const int64_t padded_h = g.H + a.pads[0] + a.pads[2], padded_w = g.W + a.pads[1] + a.pads[3];
+    if (padded_h < span_h || padded_w < span_w) {
+      throw OpError("kernel " + ShapeString({g.kH, g.kW}) + " with dilations " +
+                    ShapeString(a.dilations) + " does not fit the padded input " +
+                    ShapeString({padded_h, padded_w}));
+    }
+    g.OH = (padded_h - span_h) / g.stride_h + 1;
+    g.OW = (padded_w - span_w) / g.stride_w + 1;
+    // BLAS takes 32-bit sizes.
+    if (g.K() * g.OH * g.OW > INT32_MAX || g.M * g.K() > INT32_MAX) {
+      throw OpError("shape too large: X " + ShapeString(x) + ", W " + ShapeString(w),
+                    ORT_NOT_IMPLEMENTED);
+    }
+    return g;
+  }
+};
+
+// Registration hooks: each adds its kernel(s) to the op domain.
+void AddDiffConvCpu(Ort::CustomOpDomain& domain);
+
+#if COMPRESSOR_WITH_CUDA
+void AddDiffConvCuda(Ort::CustomOpDomain& domain);
+
+// Launches the CUDA kernels on `stream` (ORT's compute stream). Returns an empty string on
+// success, else the CUDA error. counts: device int64[2] or nullptr.
+std::string LaunchDiffConvCuda(const DiffConvGeometry& g, const float* x, const float* w,
+                               const float* bias, float* y, int64_t* counts, void* stream);
+#else
+inline void AddDiffConvCuda(Ort::CustomOpDomain&) {}  // built without CUDA: nothing to add
+#endif
+
+}  // namespace compressor

@@ -1,0 +1,87 @@
+// DiffConv on the CUDA execution provider: same attributes, checks and outputs as the CPU
+// kernel; the kernels (diffconv_kernel.cu) run on ORT's compute stream.
+#include <string>
+#include <vector>
+
+#include "ops/diffconv/diffconv.h"
+
+namespace compressor {
+namespace {
+
+class DiffConvCudaKernel {
+ public:
+  DiffConvCudaKernel(const OrtApi&, const OrtKernelInfo* info)
+      : attributes_(DiffConvAttributes::Read(info)) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guard("DiffConv (CUDA)", [&] { Compute(context); });
+  }
+
+ private:
+  void Compute(OrtKernelContext* raw_context) {
+    const OrtApi& api = Ort::GetApi();
+    Ort::KernelContext context(raw_context);
+    const size_t input_count = context.GetInputCount();
+    if (input_count < 2) throw OpError("needs inputs X and W");
+    Ort::ConstValue x = context.GetInput(0);
+    Ort::ConstValue w = context.GetInput(1);
+    const OrtValue* bias_value = nullptr;
+    if (input_count > 2) Check(api.KernelContext_GetInput(raw_context, 2, &bias_value));
+    std::vector<int64_t> bias_shape;
+    const float* bias = nullptr;
+    if (bias_value != nullptr) {
+      Ort::ConstValue b(bias_value);
+      bias_shape = b.GetTensorTypeAndShapeInfo().GetShape();
+      bias = b.GetTensorData<float>();
+    }
+    const DiffConvGeometry g = DiffConvGeometry::Make(
+        attributes_, x.GetTensorTypeAndShapeInfo().GetShape(),
+        w.GetTensorTypeAndShapeInfo().GetShape(), bias_value ? &bias_shape : nullptr);
+    Ort::UnownedValue y = context.GetOutput(0, {g.N, g.M, g.OH, g.OW});
+    int64_t* counts = nullptr;
+    if (context.GetOutputCount() > 1) {
+      OrtValue* counts_value = nullptr;
+      const int64_t counts_shape[] = {2};
+      Check(api.KernelContext_GetOutput(raw_context, 1, counts_shape, 1, &counts_value));
+      if (counts_value != nullptr) {
+        counts = Ort::UnownedValue(counts_value).GetTensorMutableData<int64_t>();
+      }
+    }
+    void* stream = context.GetGPUComputeStream();
+    const std::string error =
+        LaunchDiffConvCuda(g, x.GetTensorData<float>(), w.GetTensorData<float>(), bias,
+                           y.GetTensorMutableData<float>(), counts, stream);
+    if (!error.empty()) throw OpError(error, ORT_FAIL);
+  }
+
+  DiffConvAttributes attributes_;
+};
+
+struct DiffConvCudaOp : Ort::CustomOpBase<DiffConvCudaOp, DiffConvCudaKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return Guard("DiffConv (CUDA)", [&] { *kernel = new DiffConvCudaKernel(api, info); });
+  }
+  const char* GetName() const { return kDiffConvName; }
+  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return index == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+};
+
+}  // namespace
+
+void AddDiffConvCuda(Ort::CustomOpDomain& domain) {
+  static DiffConvCudaOp op;
+  domain.Add(&op);
+}
+
+}  // namespace compressor
