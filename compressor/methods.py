@@ -39,9 +39,42 @@ def _sketch(opts, calibration):
     return [TensorSketchPass(cfg, calibration)]
 
 
+def _diffconv(opts, calibration):
+    from compressor.passes.diffconv import DiffConvConfig, ReplaceConvWithDiffConvPass
+
+    # --threshold wins; otherwise, with data, the threshold is chosen to meet --ratio.
+    ratio = opts.ratio if opts.threshold is None and calibration is not None else None
+    cfg = DiffConvConfig(threshold=opts.threshold, ratio=ratio)
+    return [ReplaceConvWithDiffConvPass(cfg, calibration)]
+
+
+def _prune(opts, calibration):
+    from compressor.passes.prune import PruneChannelsPass, PruneConfig
+
+    cfg = PruneConfig(ratio=opts.ratio, criterion=opts.criterion, ranking=opts.ranking,
+                      min_channels_fraction=opts.min_channels_fraction, refit=opts.refit,
+                      lsh_bits=opts.lsh_bits or 6, lsh_tables=opts.lsh_tables or 4,
+                      seed=opts.seed)
+    return [PruneChannelsPass(cfg, calibration)]
+
+
+def _lsh(opts, calibration):
+    from compressor.passes.lsh_merge import LSHConfig, MergeChannelsPass
+
+    cfg = LSHConfig(ratio=opts.ratio, bits=opts.lsh_bits, tables=opts.lsh_tables,
+                    asymmetric=opts.asymmetric, refit=opts.refit,
+                    min_channels_fraction=opts.min_channels_fraction, seed=opts.seed)
+    return [MergeChannelsPass(cfg, calibration)]
+
+
 METHODS: dict[str, Method] = {
     "svd": Method("svd", "low-rank factorisation (channel or spatial SVD, data-aware)", _svd),
     "sketch": Method("sketch", "tensor sketching with random sign matrices", _sketch),
+    "prune": Method("prune", "structured channel pruning (l1, l2, activation or lsh criterion)",
+                    _prune),
+    "lsh": Method("lsh", "merge similar neurons/filters found by LSH into weighted "
+                  "representatives", _lsh),
+    "diffconv": Method("diffconv", "differential convolution custom op (runtime_ext)", _diffconv),
 }
 
 

@@ -56,6 +56,18 @@ MacCounter = Callable[[onnx.NodeProto, dict[str, Shape], Mapping[str, np.ndarray
 MAC_COUNTERS: dict[tuple[str, str], MacCounter] = {}
 
 
+# Modules that register the MAC counters of our custom ops (domain ai.compressor); imported on
+# first use so that profiling a compressed model counts them whoever imported what.
+CUSTOM_OP_COUNTER_MODULES = ("compressor.passes.diffconv",)
+
+
+def _load_custom_op_counters() -> None:
+    import importlib
+
+    for module in CUSTOM_OP_COUNTER_MODULES:
+        importlib.import_module(module)
+
+
 def register_mac_counter(op_type: str, domain: str = "") -> Callable[[MacCounter], MacCounter]:
     """Decorator: count MACs of ``domain::op_type`` nodes with the decorated function."""
 
@@ -178,11 +190,40 @@ def static_shapes(model: onnx.ModelProto, batch: int = 1) -> tuple[dict[str, Sha
         raise UnsupportedModelError(
             f"input '{first.name}' has no static shape (rank unknown); pass --input-shape"
         )
+    missing = [out for node in model.graph.node for out in node.output
+               if out and out not in shapes and node.op_type != "Constant"]
+    if missing:
+        shapes.update(_shapes_by_execution(model, graph_inputs, shapes, missing))
     return shapes, shapes[first.name]
+
+
+def _shapes_by_execution(model, graph_inputs, shapes, names) -> dict[str, Shape]:
+    """Shapes ONNX inference cannot give (our custom ops have no ONNX schema, and every
+    tensor after them loses its shape): run the model once on zeros and read them off."""
+    from compressor import runtime
+
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    present = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in present:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    try:
+        sess = runtime.session(probe)
+        feeds = {}
+        for value in graph_inputs:
+            elem = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            feeds[value.name] = np.zeros(shapes[value.name], dtype=elem)
+        outputs = sess.run(list(names), feeds)
+    except Exception:  # noqa: BLE001 - no runtime or the model fails: shapes stay unknown
+        return {}
+    return {name: tuple(out.shape) for name, out in zip(names, outputs, strict=True)
+            if hasattr(out, "shape")}
 
 
 def profile_model(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelProfile:
     """Profile ``model`` at batch 1 (shapes from ONNX shape inference)."""
+    if any(node.domain not in ("", "ai.onnx") for node in model.graph.node):
+        _load_custom_op_counters()
     shapes, input_shape = static_shapes(model, batch=1)
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:  # Constant nodes hold weights too (torch exports some)

@@ -217,3 +217,37 @@ def test_torch_exported_cnn_matches_hand_count():
     profile = profile_model(proto)
     assert profile.macs == 4 * 64 * 9 + 4 * 64 * 9 + 256 * 10
     assert profile.params == sum(p.numel() for p in model.parameters())
+
+
+def test_custom_op_macs_and_shapes_after_it():
+    """ONNX shape inference knows nothing of our ops; the profile runs the model to get the
+    shapes after them, and counts their MACs with the registered counter."""
+    from compressor import runtime
+    from compressor.errors import RuntimeLibraryError
+
+    try:
+        runtime.library_path()
+    except RuntimeLibraryError:
+        pytest.skip("custom-op library not built")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    fc = rng.standard_normal((10, 8 * 6 * 6)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("DiffConv", ["x", "w"], ["c"], domain=runtime.OP_DOMAIN,
+                             name="dc", pads=[1, 1, 1, 1], threshold=0.0),
+            helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+            helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc", transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(runtime.OP_DOMAIN, 1)])
+    model.ir_version = 10
+    profile = profile_model(model)
+    layers = {layer.name: layer for layer in profile.layers}
+    assert layers["dc"].macs == 8 * 6 * 6 * 3 * 3 * 3
+    assert layers["fc"].macs == 10 * 8 * 6 * 6
