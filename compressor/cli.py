@@ -138,10 +138,38 @@ def main():
 @click.option(
     "--no-refit",
     is_flag=True,
-    help="sketch: keep the averaged sign matrices even with calibration data.",
+    help="sketch: keep the averaged sign matrices even with calibration data; prune, lsh: "
+    "correct only the next layers' biases instead of refitting them.",
 )
 @click.option(
     "--threshold", type=float, help="diffconv: skip input differences with |d| <= threshold."
+)
+@click.option(
+    "--criterion",
+    default="l1",
+    show_default=True,
+    help="prune: channel importance: l1, l2, activation (needs --data) or lsh (redundancy).",
+)
+@click.option(
+    "--global-ranking/--per-layer",
+    "global_ranking",
+    default=True,
+    show_default=True,
+    help="prune: rank channels across the whole model, or keep the same fraction per layer.",
+)
+@click.option(
+    "--min-channels-fraction",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="prune, lsh: no layer keeps fewer than this fraction of its channels.",
+)
+@click.option("--lsh-bits", type=int, help="lsh: SimHash bits per table (default: chosen by --ratio).")
+@click.option("--lsh-tables", type=int, help="lsh: SimHash tables (default: chosen by --ratio).")
+@click.option(
+    "--asymmetric",
+    is_flag=True,
+    help="lsh: asymmetric (Sign-ALSH, maximum inner product) hashing of the filters.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option(
@@ -171,6 +199,12 @@ def compress_command(
     sketch_rows,
     no_refit,
     threshold,
+    criterion,
+    global_ranking,
+    min_channels_fraction,
+    lsh_bits,
+    lsh_tables,
+    asymmetric,
     seed,
     provider,
     as_json,
@@ -200,6 +234,12 @@ def compress_command(
         sketch_rows=sketch_rows,
         refit=not no_refit,
         threshold=threshold,
+        criterion=criterion,
+        ranking="global" if global_ranking else "per-layer",
+        min_channels_fraction=min_channels_fraction,
+        lsh_bits=lsh_bits,
+        lsh_tables=lsh_tables,
+        asymmetric=asymmetric,
     )
     with progress_bars(enabled=not quiet and not as_json) as progress:
         result = compress(opts, progress)

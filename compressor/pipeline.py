@@ -61,6 +61,13 @@ class CompressOptions:
     refit: bool = True
     # diffconv
     threshold: float | None = None
+    # prune and lsh (refit above applies to them too)
+    criterion: str = "l1"
+    ranking: str = "global"
+    min_channels_fraction: float = 0.1
+    lsh_bits: int | None = None
+    lsh_tables: int | None = None
+    asymmetric: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -35,6 +35,7 @@ from compressor.passes.graph import (
     conv_node,
     replace_node,
 )
+from compressor.profile import profile_model, static_shapes
 
 Shape = tuple[int, ...]
 
@@ -160,6 +161,34 @@ def _as_linear_layer(node: ir.Node, shapes: dict[str, Shape]) -> LinearLayer | s
     positions = math.prod(in_shape[:-1])
     return LinearLayer(node, "matmul", np.ascontiguousarray(weight.T.astype(np.float64)), None,
                        tuple(weight.shape), positions, in_shape, out_shape)
+
+
+@dataclass
+class Survey:
+    """A model's linear layers and what low-rank passes need to know about them."""
+
+    proto: onnx.ModelProto  # the model as it was before the pass (for paired calibration)
+    total_macs: int
+    layers: list[LinearLayer]
+    skipped: list[LayerRecord]
+    moments: dict[str, Moments]  # input statistics by layer name; empty without calibration
+
+
+def survey(
+    model: ir.Model,
+    calibration: Calibration | None,
+    max_rows_per_batch: int = 20000,
+    seed: int = 0,
+) -> Survey:
+    """Shapes, MACs, the factorisable layers (and why others are not), and, with calibration
+    data, every layer's input statistics in one run."""
+    proto = ir.serde.serialize_model(model)
+    shapes, _ = static_shapes(proto)
+    total_macs = profile_model(proto).macs
+    layers, skipped = find_linear_layers(model, shapes)
+    moments = ({} if calibration is None
+               else gather_moments(calibration, model, layers, max_rows_per_batch, seed))
+    return Survey(proto, total_macs, layers, skipped, moments)
 
 
 def layer_rows(

@@ -25,13 +25,11 @@ from compressor.passes.calibrate import Calibration
 from compressor.passes.graph import NameScope
 from compressor.passes.lowrank import (
     LinearLayer,
-    find_linear_layers,
-    gather_moments,
     mean_correction,
     relative_error,
     replace_with_two_stage,
+    survey,
 )
-from compressor.profile import profile_model, static_shapes
 
 
 @dataclass(frozen=True)
@@ -81,19 +79,13 @@ class TensorSketchPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         cfg: SketchConfig = self.config
-        proto = ir.serde.serialize_model(model)
-        shapes, _ = static_shapes(proto)
-        total_macs = profile_model(proto).macs
-        layers, records = find_linear_layers(model, shapes)
+        found = survey(model, self.calibration, cfg.max_rows_per_batch, cfg.seed)
+        total_macs, layers, moments = found.total_macs, found.layers, found.moments
+        records = found.skipped
         notes: list[str] = []
         refit = cfg.refit and self.calibration is not None
         if self.calibration is None:
             notes.append("no calibration data: data-free sketch (signs averaged, no refit)")
-        moments = (
-            gather_moments(self.calibration, model, layers, cfg.max_rows_per_batch, cfg.seed)
-            if self.calibration is not None
-            else {}
-        )
         rows = self._choose_rows(layers, total_macs)
         names = NameScope(model.graph)
         for i, layer in enumerate(layers):

@@ -25,20 +25,24 @@ import numpy as np
 import onnx_ir as ir
 
 from compressor.errors import OptionError
-from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
+from compressor.passes.base import Pass, PassConfig, PassResult
 from compressor.passes.budget import Option, allocate
 from compressor.passes.calibrate import Calibration, CrossMoments
-from compressor.passes.graph import ConvAttributes, NameScope, add_initializer, conv_node, replace_node
+from compressor.passes.graph import (
+    ConvAttributes,
+    NameScope,
+    add_initializer,
+    conv_node,
+    replace_node,
+)
 from compressor.passes.lowrank import (
     LinearLayer,
-    find_linear_layers,
     gather_cross_moments,
-    gather_moments,
     mean_correction,
     relative_error,
     replace_with_two_stage,
+    survey,
 )
-from compressor.profile import profile_model, static_shapes
 
 SCHEMES = ("channel", "spatial")
 MAX_SPATIAL_RANKS = 24
@@ -106,17 +110,11 @@ class LowRankSVDPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         cfg: SVDConfig = self.config
-        proto = ir.serde.serialize_model(model)
-        shapes, _ = static_shapes(proto)
-        total_macs = profile_model(proto).macs
-        layers, records = find_linear_layers(model, shapes)
+        found = survey(model, self.calibration, cfg.max_rows_per_batch, cfg.seed)
+        proto, total_macs, layers, moments = found.proto, found.total_macs, found.layers, found.moments
+        records = found.skipped
         notes: list[str] = []
         data_aware = self.calibration is not None
-        moments = (
-            gather_moments(self.calibration, model, layers, cfg.max_rows_per_batch, cfg.seed)
-            if data_aware
-            else {}
-        )
         if not data_aware:
             notes.append("no calibration data: SVD minimises weight error, not output error")
 
