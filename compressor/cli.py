@@ -16,8 +16,14 @@ from rich.console import Console
 from compressor import __version__
 from compressor.errors import CompressionError, OptionError
 
-stdout = Console()
-stderr = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    # Piped output gets rich's 80 columns, too narrow for the per-layer tables: use 140.
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=140)
+
+
+stdout = _console()
+stderr = _console(stderr=True)
 
 
 def _friendly_errors(fn):
