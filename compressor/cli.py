@@ -134,6 +134,14 @@ def main():
     help="svd: factorisation schemes to consider (default: both).",
 )
 @click.option(
+    "--rank-multiple",
+    type=int,
+    default=16,
+    show_default=True,
+    help="svd: ranks are multiples of this (onnxruntime's blocked convs want 16 on AVX-512, "
+    "8 on AVX2).",
+)
+@click.option(
     "--sketches",
     type=int,
     default=2,
@@ -201,6 +209,7 @@ def compress_command(
     rank,
     energy,
     schemes,
+    rank_multiple,
     sketches,
     sketch_rows,
     no_refit,
@@ -236,6 +245,7 @@ def compress_command(
         rank=rank,
         energy=energy,
         schemes=tuple(schemes) or ("channel", "spatial"),
+        rank_multiple=rank_multiple,
         sketches=sketches,
         sketch_rows=sketch_rows,
         refit=not no_refit,

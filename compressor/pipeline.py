@@ -55,6 +55,7 @@ class CompressOptions:
     rank: int | None = None
     energy: float | None = None
     schemes: tuple[str, ...] = ("channel", "spatial")
+    rank_multiple: int = 16
     # sketch
     sketches: int = 2
     sketch_rows: int | None = None

@@ -147,8 +147,10 @@ class CrossMoments:
     outer_hat: np.ndarray  # sum of x_hat x_hat^T
 
     @classmethod
-    def zeros(cls, dim: int) -> CrossMoments:
-        return cls(0, np.zeros(dim), np.zeros(dim), np.zeros((dim, dim)), np.zeros((dim, dim)))
+    def zeros(cls, dim: int, dim_hat: int | None = None) -> CrossMoments:
+        dim_hat = dim if dim_hat is None else dim_hat
+        return cls(0, np.zeros(dim), np.zeros(dim_hat), np.zeros((dim, dim_hat)),
+                   np.zeros((dim_hat, dim_hat)))
 
     def add(self, rows: np.ndarray, rows_hat: np.ndarray) -> None:
         x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))

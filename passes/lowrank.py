@@ -54,6 +54,10 @@ class LinearLayer:
     output_shape: Shape
     conv: ConvAttributes | None = None
 
+    def __post_init__(self):
+        # kept: once the node is replaced its inputs are detached
+        self.input_name: str = self.node.inputs[0].name
+
     @property
     def name(self) -> str:
         return self.node.name or self.node.outputs[0].name
@@ -225,7 +229,7 @@ def gather_moments(
     moments = {layer.name: Moments.zeros(layer.fan_in) for layer in layers}
     by_input: dict[str, list[LinearLayer]] = {}
     for layer in layers:
-        by_input.setdefault(layer.node.inputs[0].name, []).append(layer)
+        by_input.setdefault(layer.input_name, []).append(layer)
 
     def consume(batch: dict[str, np.ndarray]) -> None:
         for value_name, users in by_input.items():
@@ -245,24 +249,45 @@ def gather_cross_moments(
     layer: LinearLayer,
     max_rows_per_batch: int = 20000,
     seed: int = 0,
+    current_value: str | None = None,
+    current_conv: ConvAttributes | None = None,
 ) -> CrossMoments:
-    """Paired input statistics of one layer: what it saw in the original model and what it
-    sees now that the layers before it are compressed (same inputs, same positions)."""
-    name = layer.node.inputs[0].name
-    moments = CrossMoments.zeros(layer.fan_in)
+    """Paired statistics at the same output positions of the same inputs: the layer's input
+    rows in the original model, and in the current (partly compressed) one either the same
+    tensor or ``current_value`` read with ``current_conv``'s window (e.g. the hidden tensor of
+    a factorised layer, to refit its second stage)."""
+    name = layer.input_name
+    now_name = current_value or name
+    moments = CrossMoments.zeros(layer.fan_in, None if current_value is None else
+                                 _window_size(current_conv, current, now_name))
     batch_index = [0]
 
     def consume(ref: dict[str, np.ndarray], now: dict[str, np.ndarray]) -> None:
         batch_seed = seed + batch_index[0]
         batch_index[0] += 1
         rows = layer_rows(layer, ref[name], max_rows_per_batch, np.random.default_rng(batch_seed))
-        rows_hat = layer_rows(layer, now[name], max_rows_per_batch,
-                              np.random.default_rng(batch_seed))
+        if current_conv is not None:
+            rows_hat = conv_patches(now[now_name], current_conv, max_rows_per_batch,
+                                    np.random.default_rng(batch_seed))
+        else:
+            rows_hat = layer_rows(layer, now[now_name], max_rows_per_batch,
+                                  np.random.default_rng(batch_seed))
         moments.add(rows, rows_hat)
 
-    calibration.stream_pair((original, [name]), (current, [name]), consume,
+    calibration.stream_pair((original, [name]), (current, [now_name]), consume,
                             label=f"refit {layer.name}")
     return moments
+
+
+def _window_size(conv: ConvAttributes | None, model: ir.Model, value_name: str) -> int:
+    """Features per row of a conv window over ``value_name`` (channels x kernel area)."""
+    assert conv is not None, "a current_value needs the conv window that reads it"
+    for node in model.graph:
+        for out in node.outputs:
+            if out.name == value_name:
+                weight = constant_array(node.inputs[1])
+                return int(weight.shape[0]) * conv.kernel[0] * conv.kernel[1]
+    raise KeyError(value_name)
 
 
 def mean_correction(layer: LinearLayer, approx_weight: np.ndarray, mean: np.ndarray | None):

@@ -34,7 +34,7 @@ def small_model(tmp_path_factory):
 def test_compress_result_and_recipe(small_model, tmp_path):
     model, data = small_model
     out = tmp_path / "out.onnx"
-    result = compress(CompressOptions(model=model, output=out, method="svd", ratio=0.6,
+    result = compress(CompressOptions(model=model, output=out, method="svd", ratio=0.6, rank_multiple=4,
                                       data=str(data)))
     assert result.output == out and out.exists()
     assert result.ratio_reached <= 0.6 * 1.01

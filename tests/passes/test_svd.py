@@ -89,7 +89,7 @@ def test_conv_channel_factorisation_matches_torch(convnet, rng, built):
 
 def test_ratio_is_met_and_reported(convnet, rng):
     x = rng.random((64, 3, 12, 12), dtype=np.float32)
-    result = LowRankSVDPass(SVDConfig(ratio=0.6), Calibration(x))(convnet.ir())
+    result = LowRankSVDPass(SVDConfig(ratio=0.6, rank_multiple=1), Calibration(x))(convnet.ir())
     assert result.stats["ratio_reached"] <= 0.6
     assert result.stats["macs_after"] == pytest.approx(
         result.stats["macs_before"] - sum(r.macs_before - r.macs_after for r in result.layers)
@@ -146,4 +146,18 @@ def test_sequential_refit_lowers_the_network_error(deep_mlp, rng, built):
         assert bool(refitted) is sequential
         y = built.run(result.model, x)
         errors[sequential] = np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref)
+    assert errors[True] < errors[False]
+
+
+def test_spatial_refit_lowers_the_error(convnet, rng, built):
+    """Spatial SVD is data-free; refitting its 1 x k stage on calibration data must help."""
+    x = rng.random((96, 3, 12, 12), dtype=np.float32)
+    y_ref = built.run(convnet.proto, x)
+    errors = {}
+    for sequential in (False, True):
+        cfg = SVDConfig(rank=8, schemes=("spatial",), rank_multiple=1, sequential=sequential)
+        result = LowRankSVDPass(cfg, Calibration(x))(convnet.ir())
+        assert any(r.detail.endswith("refit") for r in result.layers) is sequential
+        errors[sequential] = np.linalg.norm(built.run(result.model, x) - y_ref) / np.linalg.norm(
+            y_ref)
     assert errors[True] < errors[False]
