@@ -121,19 +121,27 @@ class LowRankSVDPass(Pass):
             notes.append("no calibration data: SVD minimises weight error, not output error")
 
         analyses = {}
-        per_layer_options: list[list[Option]] = []
         for layer in layers:
             m = moments.get(layer.name)
             cov = m.covariance if m is not None else np.eye(layer.fan_in)
             analyses[layer.name] = _LayerAnalysis(layer, cov, None if m is None else m.mean, cfg)
-            per_layer_options.append(analyses[layer.name].options())
 
         fixed_macs = total_macs - sum(layer.dense_macs for layer in layers)
         if cfg.rank is not None or cfg.energy is not None:
             chosen = [a.fixed_choice() for a in analyses.values()]
         else:
             budget = cfg.ratio * total_macs - fixed_macs
-            allocation = allocate(per_layer_options, budget)
+            multiple = cfg.rank_multiple
+            while True:
+                for analysis in analyses.values():
+                    analysis.multiple = multiple
+                allocation = allocate([a.options() for a in analyses.values()], budget)
+                if allocation.feasible or multiple == 1:
+                    break
+                multiple = max(1, multiple // 2)
+            if multiple != cfg.rank_multiple and allocation.feasible:
+                notes.append(f"ratio {cfg.ratio} needs ranks finer than multiples of "
+                             f"{cfg.rank_multiple}: used multiples of {multiple} (slower per MAC)")
             if not allocation.feasible:
                 notes.append(
                     f"ratio {cfg.ratio} is not reachable by SVD alone: every layer at its "
@@ -192,6 +200,7 @@ class _LayerAnalysis:
         self.cov = cov
         self.mean = mean
         self.cfg = cfg
+        self.multiple = cfg.rank_multiple
         w = layer.weight
         output_cov = w @ cov @ w.T
         eigvals, eigvecs = np.linalg.eigh((output_cov + output_cov.T) / 2)
@@ -262,7 +271,7 @@ class _LayerAnalysis:
         return out
 
     def _rank_grid(self, max_rank: int) -> list[int]:
-        step = self.cfg.rank_multiple
+        step = self.multiple
         grid = list(range(step, max_rank, step)) + [max_rank]
         return grid
 
