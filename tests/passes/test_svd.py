@@ -161,3 +161,10 @@ def test_spatial_refit_lowers_the_error(convnet, rng, built):
         errors[sequential] = np.linalg.norm(built.run(result.model, x) - y_ref) / np.linalg.norm(
             y_ref)
     assert errors[True] < errors[False]
+
+
+def test_finer_rank_multiples_when_the_ratio_needs_them(convnet, rng):
+    x = rng.random((64, 3, 12, 12), dtype=np.float32)
+    result = LowRankSVDPass(SVDConfig(ratio=0.6), Calibration(x))(convnet.ir())
+    assert result.stats["ratio_reached"] <= 0.6
+    assert any("finer than multiples of 16" in note for note in result.notes)
