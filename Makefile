@@ -12,6 +12,7 @@ EXTRAS ?= cpu,test
 
 DEMO_MODEL ?= models/checkpoints/vgg.pt
 DEMO_ARCH ?= vgg
+DEMO_CALIB ?= models/data/fashion_mnist_calib.npz
 DEMO_DATA ?= models/data/fashion_mnist_eval.npz
 DEMO_OUT ?= build/demo
 
@@ -30,7 +31,7 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 
 demo: $(STAMP)
 	$(VENV)/bin/compressor compress $(DEMO_MODEL) --arch $(DEMO_ARCH) --method svd --ratio 0.5 \
-	    --data $(DEMO_DATA) -o $(DEMO_OUT)/$(DEMO_ARCH)_svd.onnx
+	    --data $(DEMO_CALIB) -o $(DEMO_OUT)/$(DEMO_ARCH)_svd.onnx
 	$(VENV)/bin/compressor evaluate $(DEMO_OUT)/$(DEMO_ARCH)_svd.onnx --reference $(DEMO_MODEL) \
 	    --arch $(DEMO_ARCH) --data $(DEMO_DATA)
 
