@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from compressor.errors import OptionError
 from compressor.passes.base import Pass, PassConfig, PassResult
+from compressor.passes.budget import Option, allocate
 from compressor.passes.calibrate import Calibration
 from compressor.passes.graph import NameScope
 from compressor.passes.lowrank import (
@@ -43,6 +44,7 @@ class SketchConfig(PassConfig):
     rows: int | None = None
     refit: bool = True
     seed: int = 0
+    rank_multiple: int = 16
     max_rows_per_batch: int = 20000
 
     def __post_init__(self):
@@ -52,6 +54,10 @@ class SketchConfig(PassConfig):
             raise OptionError(f"--sketches must be >= 1, got {self.sketches}")
         if self.rows is not None and self.rows < 1:
             raise OptionError(f"--sketch-rows must be >= 1, got {self.rows}")
+
+
+MAX_CANDIDATES = 24  # sketch sizes evaluated per layer
+KEPT_DENSE = "kept dense: the ratio is met with less error in other layers"
 
 
 def sign_matrices(outputs: int, rows: int, sketches: int, seed: int) -> np.ndarray:
@@ -71,12 +77,6 @@ class TensorSketchPass(Pass):
         super().__init__(config)
         self.calibration = calibration
 
-    def _rows_for(self, layer: LinearLayer, fraction: float) -> int:
-        """Largest k whose two-stage cost stays within ``fraction`` of the layer's MACs."""
-        s = self.config.sketches
-        per_rank = layer.two_stage_macs(1)
-        return int(fraction * layer.dense_macs // (per_rank * s))
-
     def call(self, model: ir.Model) -> PassResult:
         cfg: SketchConfig = self.config
         found = survey(model, self.calibration, cfg.max_rows_per_batch, cfg.seed)
@@ -86,32 +86,22 @@ class TensorSketchPass(Pass):
         refit = cfg.refit and self.calibration is not None
         if self.calibration is None:
             notes.append("no calibration data: data-free sketch (signs averaged, no refit)")
-        rows = self._choose_rows(layers, total_macs)
+        sketches = [
+            _LayerSketch(layer, cfg, cfg.seed + i, moments.get(layer.name), refit)
+            for i, layer in enumerate(layers)
+        ]
+        rows = self._choose_rows(sketches, total_macs, notes)
         names = NameScope(model.graph)
-        for i, layer in enumerate(layers):
-            k = rows[layer.name]
-            if k < 1 or (layer.two_stage_macs(k * cfg.sketches) >= layer.dense_macs):
-                records.append(layer.record(
-                    skipped="sketching does not reduce this layer's MACs", error=0.0))
+        for sketch, k in zip(sketches, rows, strict=True):
+            layer = sketch.layer
+            if k is None:
+                reason = (KEPT_DENSE if sketch.affordable(1)
+                          else "sketching does not reduce this layer's MACs")
+                records.append(layer.record(skipped=reason, error=0.0))
                 continue
-            signs = sign_matrices(layer.outputs, k, cfg.sketches, cfg.seed + i)
-            project = np.concatenate([r.T @ layer.weight for r in signs], axis=0)  # (s*k, d)
-            lift = np.concatenate(list(signs), axis=1) / cfg.sketches  # (o, s*k)
-            m = moments.get(layer.name)
-            cov = m.covariance if m is not None else None
-            if refit and cov is not None:
-                gram = project @ cov @ project.T
-                ridge = 1e-6 * np.trace(gram) / gram.shape[0] + 1e-12
-                lift = np.linalg.solve(gram + ridge * np.eye(gram.shape[0]),
-                                       project @ cov @ layer.weight.T).T
-            approx = lift @ project
-            bias = mean_correction(layer, approx, m.mean if m is not None else None)
-            delta = layer.weight - approx
-            if cov is not None:
-                energy = float(np.sum((layer.weight @ cov) * layer.weight))
-                sq = float(np.sum((delta @ cov) * delta))
-            else:
-                energy, sq = float(np.sum(layer.weight**2)), float(np.sum(delta**2))
+            project, lift, sq, energy = sketch.solve(k)
+            m = sketch.moments
+            bias = mean_correction(layer, lift @ project, m.mean if m is not None else None)
             rank = k * cfg.sketches
             replace_with_two_stage(model, layer, project, lift, bias, names, f"sketch{rank}")
             records.append(layer.record(
@@ -119,7 +109,7 @@ class TensorSketchPass(Pass):
                 macs_after=layer.two_stage_macs(rank),
                 params_after=layer.two_stage_params(rank),
                 error=relative_error(sq, energy),
-                error_basis="calibration" if cov is not None else "weights",
+                error_basis="calibration" if m is not None else "weights",
                 detail=f"{cfg.sketches} sketches x {k} rows" + (", lift refit" if refit else ""),
             ))
         macs_after = total_macs - sum(r.macs_before - r.macs_after for r in records)
@@ -133,28 +123,66 @@ class TensorSketchPass(Pass):
                    "data_aware": refit},
         )
 
-    def _choose_rows(self, layers: list[LinearLayer], total_macs: int) -> dict[str, int]:
-        """k per layer: fixed by config, or one per-layer MACs fraction found by bisection so
-        the whole model meets ``ratio``."""
+    def _choose_rows(self, sketches: list[_LayerSketch], total_macs: int,
+                     notes: list[str]) -> list[int | None]:
+        """k per layer (None: stays dense): fixed by config, or the ks that meet ``ratio``
+        with the least predicted output error (``budget.allocate`` over a grid of k)."""
         cfg: SketchConfig = self.config
         if cfg.rows is not None:
-            return {layer.name: cfg.rows for layer in layers}
+            return [cfg.rows if sk.affordable(cfg.rows) else None for sk in sketches]
+        fixed = total_macs - sum(sk.layer.dense_macs for sk in sketches)
+        budget = cfg.ratio * total_macs - fixed
+        step = max(1, cfg.rank_multiple // cfg.sketches)
+        while True:
+            options = [sk.options(step) for sk in sketches]
+            allocation = allocate(options, budget)
+            if allocation.feasible or step == 1:
+                break
+            step = max(1, step // 2)
+        if not allocation.feasible:
+            notes.append(f"ratio {cfg.ratio} is not reachable by sketching: the cheapest "
+                         f"sketches keep {(allocation.macs + fixed) / total_macs:.3f}")
+        return [o.payload for o in allocation.choices]
 
-        def plan(fraction: float) -> tuple[dict[str, int], int]:
-            rows, macs = {}, total_macs
-            for layer in layers:
-                k = self._rows_for(layer, fraction)
-                rows[layer.name] = k
-                if k >= 1 and layer.two_stage_macs(k * cfg.sketches) < layer.dense_macs:
-                    macs -= layer.dense_macs - layer.two_stage_macs(k * cfg.sketches)
-            return rows, macs
 
-        budget = cfg.ratio * total_macs
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if plan(mid)[1] <= budget:
-                lo = mid
-            else:
-                hi = mid
-        return plan(lo)[0]
+class _LayerSketch:
+    """One layer's sketches: for a given k, the (seeded) sketch, its lift and its error."""
+
+    def __init__(self, layer: LinearLayer, cfg: SketchConfig, seed: int, moments, refit: bool):
+        self.layer, self.cfg, self.seed, self.moments, self.refit = layer, cfg, seed, moments, refit
+        self.cov = moments.covariance if moments is not None else None
+        w = layer.weight
+        self.energy = (float(np.sum((w @ self.cov) * w)) if self.cov is not None
+                       else float(np.sum(w**2)))
+
+    def affordable(self, k: int) -> bool:
+        return k >= 1 and self.layer.two_stage_macs(k * self.cfg.sketches) < self.layer.dense_macs
+
+    def solve(self, k: int):
+        """project (s*k, d), lift (o, s*k), squared error and energy of the approximation."""
+        cfg, layer, w = self.cfg, self.layer, self.layer.weight
+        signs = sign_matrices(layer.outputs, k, cfg.sketches, self.seed)
+        project = np.concatenate([r.T @ w for r in signs], axis=0)
+        lift = np.concatenate(list(signs), axis=1) / cfg.sketches
+        if self.refit and self.cov is not None:
+            gram = project @ self.cov @ project.T
+            ridge = 1e-6 * np.trace(gram) / gram.shape[0] + 1e-12
+            lift = np.linalg.solve(gram + ridge * np.eye(gram.shape[0]),
+                                   project @ self.cov @ w.T).T
+        delta = w - lift @ project
+        sq = (float(np.sum((delta @ self.cov) * delta)) if self.cov is not None
+              else float(np.sum(delta**2)))
+        return project, lift, sq, self.energy
+
+    def options(self, step: int) -> list[Option]:
+        opts = [Option(self.layer.dense_macs, 0.0, None)]
+        ks = [k for k in range(step, self.layer.outputs + 1, step) if self.affordable(k)]
+        if len(ks) > MAX_CANDIDATES:
+            idx = np.unique(np.linspace(0, len(ks) - 1, MAX_CANDIDATES).round().astype(int))
+            ks = [ks[i] for i in idx]
+        for k in ks:
+            sq = self.solve(k)[2]
+            rel = sq / self.energy if self.energy > 0 else 0.0
+            loss = -math.log(max(1.0 - rel, 1e-9)) if rel < 1 else 30.0 + rel
+            opts.append(Option(self.layer.two_stage_macs(k * self.cfg.sketches), loss, k))
+        return opts

@@ -156,7 +156,10 @@ class LowRankSVDPass(Pass):
         for layer, choice in zip(layers, chosen, strict=True):
             analysis = analyses[layer.name]
             if choice is None:
-                records.append(layer.record(skipped=analysis.dense_reason, error=0.0))
+                reason = analysis.dense_reason
+                if cfg.rank is None and cfg.energy is None and len(analysis.options()) > 1:
+                    reason = "kept dense: the ratio is met with less error in other layers"
+                records.append(layer.record(skipped=reason, error=0.0))
                 continue
             error = relative_error(choice.sq_error, 1.0)
             # The refit solves a least-squares problem in the layer's fan-in: with fewer
@@ -201,6 +204,7 @@ class _LayerAnalysis:
         self.mean = mean
         self.cfg = cfg
         self.multiple = cfg.rank_multiple
+        self._options: dict[int, list[Option]] = {}
         w = layer.weight
         output_cov = w @ cov @ w.T
         eigvals, eigvecs = np.linalg.eigh((output_cov + output_cov.T) / 2)
@@ -284,10 +288,13 @@ class _LayerAnalysis:
         return self._spatial_macs(choice.rank)
 
     def options(self) -> list[Option]:
-        opts = [Option(self.layer.dense_macs, 0.0, None)]
-        for choice in self._channel_choices() + self._spatial_choices():
-            opts.append(Option(self._macs(choice), _loss(choice.sq_error), choice))
-        return opts
+        """Dense plus every affordable (scheme, rank), for the current rank multiple."""
+        if self.multiple not in self._options:
+            opts = [Option(self.layer.dense_macs, 0.0, None)]
+            for choice in self._channel_choices() + self._spatial_choices():
+                opts.append(Option(self._macs(choice), _loss(choice.sq_error), choice))
+            self._options[self.multiple] = opts
+        return self._options[self.multiple]
 
     def fixed_choice(self) -> _Choice | None:
         """The choice under --rank or --energy (the cheapest that satisfies it)."""
