@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
 from onnxscript.optimizer import fold_constants
 from onnxscript.rewriter import RewritePass
 from onnxscript.rewriter.rules.common import (
@@ -21,6 +20,8 @@ from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_conv_transpose_rule,
     fuse_batchnorm_into_gemm_rule,
 )
+
+from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
 
 BATCHNORM_RULES = (
     fuse_batchnorm_into_conv_rule,

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from compressor.passes.base import LayerRecord
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
 from compressor.evaluate import Comparison, EvaluationReport, LatencyStats, ModelStats
+from compressor.passes.base import LayerRecord
 from compressor.profile import profile_model
 from compressor.report import (
     evaluation_table,

@@ -12,12 +12,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-from compressor.passes.base import PassManager
-from compressor.passes.cleanup import CleanupConfig, CleanupPass
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from compressor.io import export_to_onnx
+from compressor.passes.base import PassManager
+from compressor.passes.cleanup import CleanupConfig, CleanupPass
 from compressor.runtime import session
 
 RNG = np.random.default_rng(0)
