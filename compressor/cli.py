@@ -16,6 +16,7 @@ from rich.console import Console
 from compressor import __version__
 from compressor.errors import CompressionError, OptionError
 
+
 def _console(stderr: bool = False) -> Console:
     # Piped output gets rich's 80 columns, too narrow for the per-layer tables: use 140.
     console = Console(stderr=stderr)
@@ -162,7 +163,8 @@ def main():
     "--criterion",
     default="l1",
     show_default=True,
-    help="prune: channel importance: l1, l2, activation (needs --data) or lsh (redundancy).",
+    help="prune: channel importance: l1, l2, activation (needs --data), lsh (redundancy) or "
+    "reconstruction (next layers' least-squares error; needs --data).",
 )
 @click.option(
     "--global-ranking/--per-layer",
@@ -178,8 +180,10 @@ def main():
     show_default=True,
     help="prune, lsh: no layer keeps fewer than this fraction of its channels.",
 )
-@click.option("--lsh-bits", type=int, help="lsh: SimHash bits per table (default: chosen by --ratio).")
-@click.option("--lsh-tables", type=int, help="lsh: SimHash tables (default: chosen by --ratio).")
+@click.option("--lsh-bits", type=int,
+              help="lsh, lsh-conv, lsh-window: SimHash bits per table (default: chosen by --ratio).")
+@click.option("--lsh-tables", type=int,
+              help="lsh, lsh-conv: SimHash tables (default: chosen by --ratio).")
 @click.option(
     "--asymmetric",
     is_flag=True,

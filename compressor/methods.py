@@ -27,7 +27,7 @@ def _svd(opts, calibration):
     from compressor.passes.svd import LowRankSVDPass, SVDConfig
 
     cfg = SVDConfig(ratio=opts.ratio, rank=opts.rank, energy=opts.energy, schemes=opts.schemes,
-                    seed=opts.seed)
+                    rank_multiple=opts.rank_multiple, seed=opts.seed)
     return [LowRankSVDPass(cfg, calibration)]
 
 
@@ -49,11 +49,15 @@ def _diffconv(opts, calibration):
 
 
 def _prune(opts, calibration):
+    from compressor.errors import OptionError
     from compressor.passes.prune import PruneChannelsPass, PruneConfig
 
+    if opts.criterion in ("activation", "reconstruction") and calibration is None:
+        raise OptionError(f"--criterion {opts.criterion} needs calibration data: pass --data")
     cfg = PruneConfig(ratio=opts.ratio, criterion=opts.criterion, ranking=opts.ranking,
                       min_channels_fraction=opts.min_channels_fraction, refit=opts.refit,
-                      lsh_bits=opts.lsh_bits or 6, lsh_tables=opts.lsh_tables or 4,
+                      lsh_bits=6 if opts.lsh_bits is None else opts.lsh_bits,
+                      lsh_tables=4 if opts.lsh_tables is None else opts.lsh_tables,
                       seed=opts.seed)
     return [PruneChannelsPass(cfg, calibration)]
 
@@ -67,14 +71,34 @@ def _lsh(opts, calibration):
     return [MergeChannelsPass(cfg, calibration)]
 
 
+def _lsh_conv(opts, calibration):
+    from compressor.passes.lsh_conv import LSHConvConfig, LSHConvPass
+
+    cfg = LSHConvConfig(ratio=opts.ratio, bits=opts.lsh_bits, tables=opts.lsh_tables,
+                        seed=opts.seed)
+    return [LSHConvPass(cfg, calibration)]
+
+
+def _lsh_window(opts, calibration):
+    from compressor.passes.lsh_window import LSHWindowConfig, LSHWindowConvPass
+
+    cfg = LSHWindowConfig(ratio=opts.ratio, bits=opts.lsh_bits, seed=opts.seed)
+    return [LSHWindowConvPass(cfg, calibration)]
+
+
 METHODS: dict[str, Method] = {
     "svd": Method("svd", "low-rank factorisation (channel or spatial SVD, data-aware)", _svd),
     "sketch": Method("sketch", "tensor sketching with random sign matrices", _sketch),
-    "prune": Method("prune", "structured channel pruning (l1, l2, activation or lsh criterion)",
+    "prune": Method("prune", "structured channel pruning (l1, l2, activation, lsh or "
+                    "reconstruction criterion)",
                     _prune),
     "lsh": Method("lsh", "merge similar neurons/filters found by LSH into weighted "
                   "representatives", _lsh),
     "diffconv": Method("diffconv", "differential convolution custom op (runtime_ext)", _diffconv),
+    "lsh-conv": Method("lsh-conv", "per-input filter selection by LSH (CNN-SLIDE), LSHConv custom "
+                       "op (runtime_ext; needs --data)", _lsh_conv),
+    "lsh-window": Method("lsh-window", "grouping similar input windows by LSH, LSHWindowConv "
+                         "custom op (runtime_ext; needs --data)", _lsh_window),
 }
 
 

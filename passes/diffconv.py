@@ -346,9 +346,12 @@ class ReplaceConvWithDiffConvPass(Pass):
             out_hw = (shape[2], shape[3])
         dense = m * c * kh * kw * out_hw[0] * out_hw[1] if out_hw else 0
         after = int(round(dense * expected_kept)) if expected_kept is not None else dense
-        detail = f"threshold={threshold:.4g}, restart={config.restart}"
+        # Short enough for one cell of the layer table: "threshold 0.012, keeps 50%".
+        detail = f"threshold {threshold:.3g}"
         if expected_kept is not None:
-            detail += f", keeps {expected_kept:.1%} of multiplications on calibration data"
+            detail += f", keeps {expected_kept:.0%}"
+        if config.restart != DEFAULT_RESTART:
+            detail += f", restart {config.restart}"
         params = int(weight.size) + (m if len(node.inputs) > 2 and node.inputs[2] is not None else 0)
         return LayerRecord(
             name=node.name or OP_TYPE,

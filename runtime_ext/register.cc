@@ -7,6 +7,8 @@
 #include "build_config.h"
 #include "common/ort_op.h"
 #include "ops/diffconv/diffconv.h"
+#include "ops/lsh_conv/lsh_conv.h"
+#include "ops/lsh_window_conv/lsh_window_conv.h"
 
 namespace {
 
@@ -37,6 +39,10 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     Ort::CustomOpDomain domain(compressor::kOpDomain);
     compressor::AddDiffConvCpu(domain);
     compressor::AddDiffConvCuda(domain);
+    compressor::AddLshConvCpu(domain);
+    compressor::AddLshConvCuda(domain);
+    compressor::AddLshWindowConvCpu(domain);
+    compressor::AddLshWindowConvCuda(domain);
     Ort::UnownedSessionOptions(options).Add(static_cast<OrtCustomOpDomain*>(domain));
     KeepAlive(std::move(domain));
   });

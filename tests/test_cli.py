@@ -27,7 +27,7 @@ def invoke(*args, command=main):
 
 
 @pytest.mark.parametrize("arch", zoo.names())
-@pytest.mark.parametrize("method", ["svd", "sketch"])
+@pytest.mark.parametrize("method", ["svd", "sketch", "prune", "lsh"])
 def test_compress_every_zoo_model(arch, method, tmp_path):
     out = tmp_path / f"{arch}.onnx"
     result = invoke(
@@ -57,6 +57,34 @@ def test_compress_every_zoo_model(arch, method, tmp_path):
     recipe = read_recipe(proto)
     assert recipe["method"] == method and recipe["options"]["ratio"] == 0.5
     assert recipe["source"]["format"] == "state_dict"
+    x = np.load(CALIB)["x"][:8].astype(np.float32) / 255
+    sess = runtime.session(proto)
+    assert sess.run(None, {sess.get_inputs()[0].name: x})[0].shape == (8, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", zoo.names())
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["-m", "prune", "--criterion", "activation", "--per-layer"],
+        ["-m", "prune", "--criterion", "lsh"],
+        ["-m", "prune", "--criterion", "reconstruction"],
+        ["-m", "lsh", "--asymmetric", "--lsh-bits", "4", "--lsh-tables", "8"],
+    ],
+)
+def test_structural_methods_at_three_quarters(arch, extra, tmp_path):
+    """prune and lsh at ratio 0.75 with their options: valid, on budget, and residual and
+    depthwise groups shrunk consistently (ORT runs the result)."""
+    out = tmp_path / f"{arch}.onnx"
+    result = invoke("compress", zoo.get(arch).checkpoint, "--arch", arch, *extra, "--ratio",
+                    "0.75", "--data", CALIB, "--calib-samples", "64", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["ratio_reached"] <= 0.75 * 1.02
+    assert any(layer["skipped"] is None for layer in summary["layers"])
+    proto = onnx.load(out)
+    onnx.checker.check_model(proto, full_check=True)
     x = np.load(CALIB)["x"][:8].astype(np.float32) / 255
     sess = runtime.session(proto)
     assert sess.run(None, {sess.get_inputs()[0].name: x})[0].shape == (8, 10)
@@ -211,6 +239,24 @@ def test_inspect_shows_layers_and_recipe(tmp_path):
         (
             ["compress", "{ckpt}", "--arch", "mlp", "-m", "svd", "--rank", "0", "-o", "o.onnx"],
             "--rank must be >= 1",
+            2,
+        ),
+        (
+            ["compress", "{ckpt}", "--arch", "mlp", "-m", "prune", "--criterion", "taylor",
+             "-o", "o.onnx"],
+            "unknown --criterion 'taylor'",
+            2,
+        ),
+        (
+            ["compress", "{ckpt}", "--arch", "mlp", "-m", "prune", "--criterion", "activation",
+             "-o", "o.onnx"],
+            "needs calibration data",
+            2,
+        ),
+        (
+            ["compress", "{ckpt}", "--arch", "mlp", "-m", "lsh", "--lsh-bits", "0", "-o",
+             "o.onnx"],
+            "--lsh-bits must be in",
             2,
         ),
     ],

@@ -4,6 +4,8 @@ chosen to meet a MAC ratio on calibration data."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -132,6 +134,9 @@ def test_ratio_chooses_thresholds_from_calibration_and_runs():
     assert layers["conv1"].macs == conv1.macs_after
     y = run(proto, inputs)
     assert y.shape == (8, 6, 6, 6) and np.isfinite(y).all()
+    # The detail fits one cell of the terminal layer table.
+    for record in result.changed:
+        assert re.fullmatch(r"threshold [0-9.e+-]+, keeps \d+%", record.detail), record.detail
 
 
 def test_threshold_for_ratio_meets_ratio():

@@ -19,7 +19,7 @@ from compressor.passes.diffconv import ConvGeometry, reference_diffconv
 
 from .conftest import conv_model, run
 
-PATHS = ["auto", "gemm", "sparse"]  # COMPRESSOR_DIFFCONV_PATH: every CPU code path
+PATHS = ["auto", "conv", "dense", "sparse"]  # COMPRESSOR_DIFFCONV_PATH: every CPU code path
 
 
 @pytest.fixture(params=PATHS)

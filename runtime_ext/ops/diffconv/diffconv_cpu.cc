@@ -1,53 +1,118 @@
-// DiffConv CPU kernel. Work is split into units of (image, block of output rows, block of
-// output channels) run on ORT's intra-op thread pool. Per unit:
-//   threshold 0:  im2col + GEMM (exact; the differential form cannot beat a dense GEMM here).
-//   threshold > 0: im2col, then each column becomes the difference to the previous window
-//                  (restart windows keep the patch) with |d| <= threshold zeroed; then either
-//                  a GEMM on the differences and a prefix sum along each row, or, when few
-//                  differences are kept, a sparse product that only multiplies the kept ones
-//                  (the prefix sum is fused: the accumulator carries along the row).
-// The sparse/dense choice is per unit, from the measured kept fraction (kSparseKeptFraction,
-// chosen by bench/bench_diffconv.py; see runtime_ext/README.md).
+// DiffConv CPU kernel: direct convolution with our own vector micro-kernels (no im2col, no
+// GEMM library). Work is split into units of (image, block of output rows) on ORT's intra-op
+// thread pool; within a unit, output channels go in tiles of up to 64 (4 vectors of 16).
+//
+// Per unit:
+//   1. The input rows the unit reads are copied, zero-padded, into a "phase image": each row
+//      split by column phase (column % stride_w), so that consecutive windows read
+//      consecutive floats whatever the stride (PhaseLayout).
+//   2. The thresholded column differences D (x at a column minus x one stride to its left;
+//      |d| <= threshold is skipped) are taken once per input element: the window difference
+//      P[:, ow] - P[:, ow - 1] is D's patch at ow. Their density picks the path.
+//   3. One of three paths computes the unit's output, channel tile by channel tile, into a
+//      window-major buffer [window][64 channels] that a transposing store writes to Y (NCHW):
+//      * conv (threshold 0, dense differences): plain direct convolution of the input.
+//        Exact; the differential form cannot beat it when most differences are nonzero.
+//      * dense (threshold > 0, many kept differences): the same micro-kernel on the
+//        difference image, restart windows on the input, then a prefix sum along each row.
+//      * sparse (few kept differences; at threshold 0 too, where it is exact): the kept
+//        differences are listed per input position (the channels c and values d); for each
+//        position and a group of kernel entries (kh, kw), sum_c d * W[:, c, kh, kw] is formed
+//        in registers and added once to each window the position feeds; restart windows by
+//        the micro-kernel; prefix sum. It only multiplies what the algorithm counts (plus the
+//        products for windows outside the unit, which it drops).
+// The path choice (SparseDensityLimit) and the block sizes were measured with
+// bench/bench_diffconv.py; runtime_ext/README.md has the numbers.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
-#include "common/gemm.h"
+#include <immintrin.h>
+
 #include "ops/diffconv/diffconv.h"
 
 namespace compressor {
 namespace {
 
-// Below this fraction of nonzero entries in a unit's difference matrix the sparse product is
-// faster than GEMM + prefix sum (measured on AVX-512, 2 cores; README.md).
-constexpr double kSparseKeptFraction = 0.25;
-constexpr int64_t kChannelAlign = 16;  // the sparse product works on 16-float vectors
+// Below this fraction of kept differences (per input element) the sparse path beats the
+// dense ones (measured on the zoo's layers, AVX-512; README.md). Its fixed cost per input
+// position is shared by the input channels listed there, so it needs channels to pay off:
+// never below 8, up to 30% kept from 44 channels on.
+double SparseDensityLimit(int64_t channels) {
+  if (channels < 8) return 0.0;
+  return std::min(0.30, 0.15 + 0.004 * static_cast<double>(channels - 8));
+}
 
-enum class Path { kAuto, kDiffGemm, kSparse };
+// A unit's output buffer (its rows x 64 channels) should stay in L1 (48 KiB here).
+constexpr int64_t kBufferBytes = 32 * 1024;
+// So should the weights a kernel streams over and over: the micro-kernel's for one block of
+// input channels, the sparse product's for one group of kernel entries.
+constexpr int64_t kWeightBlockBytes = 32 * 1024;
 
-// COMPRESSOR_DIFFCONV_PATH=auto|gemm|sparse forces a path (tests and benchmarks); read when a
-// session creates the kernel. At threshold 0, auto means plain im2col + GEMM.
+enum class Path { kAuto, kConv, kDense, kSparse };
+
+// COMPRESSOR_DIFFCONV_PATH=auto|conv|dense|sparse forces a path (tests and benchmarks); read
+// when a session creates the kernel. "conv" is the exact path: at threshold > 0 it means dense.
 Path PathFromEnvironment() {
   const char* value = std::getenv("COMPRESSOR_DIFFCONV_PATH");
   if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) {
     return Path::kAuto;
   }
-  if (std::strcmp(value, "gemm") == 0) return Path::kDiffGemm;
+  if (std::strcmp(value, "conv") == 0) return Path::kConv;
+  if (std::strcmp(value, "dense") == 0) return Path::kDense;
   if (std::strcmp(value, "sparse") == 0) return Path::kSparse;
-  throw OpError(std::string("COMPRESSOR_DIFFCONV_PATH must be auto, gemm or sparse, got '") +
+  throw OpError(std::string("COMPRESSOR_DIFFCONV_PATH must be auto, conv, dense or sparse, got '") +
                 value + "'");
 }
 
-// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time. The
+// micro-kernels use GCC vector extensions, so one source serves every clone; a few helpers
+// have an AVX-512 version with masked loads, stores and compress (chosen at run time).
 #define COMPRESSOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define COMPRESSOR_INLINE __attribute__((always_inline)) inline
+
+bool HasAvx512() {
+  static const bool avx512 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return avx512;
+}
+
+typedef float Vec16 __attribute__((vector_size(64)));
+
+COMPRESSOR_INLINE Vec16 Load16(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+COMPRESSOR_INLINE void Store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+constexpr int64_t kLanes = 16;
+constexpr int kMaxVectors = 4;                        // channel tile: up to 64 output channels
+constexpr int64_t kTileWidth = kLanes * kMaxVectors;  // floats per window in the output buffer
+
+// Windows per micro-kernel call for a tile of NV vectors: NV * P accumulators stay in
+// registers (24 of the 32 AVX-512 registers), plus NV weights and one broadcast input.
+template <int NV>
+constexpr int WindowsPerCall() {
+  return NV == 4 ? 6 : NV == 3 ? 8 : 12;
+}
+
+// Kernel entries per sparse-product pass for a tile of NV vectors: G * NV accumulators.
+template <int NV>
+constexpr int EntriesPerGroup() {
+  return NV == 4 ? 6 : NV == 3 ? 8 : 9;
+}
 
 int64_t RoundUp(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+int64_t CeilDiv(int64_t value, int64_t divisor) { return (value + divisor - 1) / divisor; }
 
 template <class T>
 T* Scratch(std::vector<T>& buffer, size_t size) {
@@ -55,294 +120,731 @@ T* Scratch(std::vector<T>& buffer, size_t size) {
   return buffer.data();
 }
 
-// The input rows that output rows [oh0, oh1) read, zero-padded on all sides so im2col needs no
-// bounds checks: element (c, ih, iw) is at
-// data[(c * rows + ih - row_begin) * row_length + iw + pad_left] for ih in [row_begin, row_end).
-struct Source {
-  const float* data;
-  int64_t rows, row_begin, row_end, row_length;
+// The zero-padded input rows a unit (output rows [oh0, oh1)) reads, each split into `phases`
+// (= stride_w) column phases of `length` floats: element (c, r, phase, j) is
+// x(c, row_begin + r, j * stride_w + phase - pad_left), stored at
+// ((c * rows + r) * phases + phase) * length + j. Window (oh, ow) reads, for kernel entry
+// (c, kh, kw), row r = (oh - oh0) * stride_h + kh * dilation_h, phase (kw * dilation_w) %
+// stride_w, j = ow + (kw * dilation_w) / stride_w: consecutive windows, consecutive floats.
+struct PhaseLayout {
+  int64_t rows, phases, length, row_begin;
+
+  static PhaseLayout Make(const DiffConvGeometry& g, int64_t oh0, int64_t oh1) {
+    PhaseLayout p{};
+    p.rows = (oh1 - 1 - oh0) * g.stride_h + (g.kH - 1) * g.dilation_h + 1;
+    p.phases = g.stride_w;
+    const int64_t columns = (g.OW - 1) * g.stride_w + (g.kW - 1) * g.dilation_w + 1;
+    p.length = CeilDiv(columns, g.stride_w);
+    p.row_begin = oh0 * g.stride_h - g.pad_top;
+    return p;
+  }
+  int64_t RowStride() const { return phases * length; }
+  int64_t ChannelStride() const { return rows * phases * length; }
+  int64_t Size() const { return ChannelStride(); }  // per channel
+  int64_t Lists() const { return rows * phases; }   // rows of one channel
 };
 
-// The span of padded input rows and columns that output rows [oh0, oh1) cover.
-Source PaddedSpan(const DiffConvGeometry& g, int64_t oh0, int64_t oh1) {
-  Source s{};
-  s.row_begin = oh0 * g.stride_h - g.pad_top;
-  s.row_end = (oh1 - 1) * g.stride_h - g.pad_top + (g.kH - 1) * g.dilation_h + 1;
-  s.rows = s.row_end - s.row_begin;
-  s.row_length = (g.OW - 1) * g.stride_w + (g.kW - 1) * g.dilation_w + 1;  // from iw = -pad_left
-  return s;
-}
+// The kernel entries (kh, kw) of one input channel in the order the kernels use them and the
+// weights are packed in: by class (column phase of kw: (kw * dilation_w) % stride_w, then
+// row phase of kh: (kh * dilation_h) % stride_h), then kh, then kw. The sparse product works
+// on one class at a time: a phase-image position feeds every entry of its class or none.
+// Entries [class_begin[k], class_begin[k + 1]) form class k (column phase k / stride_h).
+// For stride 1 it is plain (kh, kw) order.
+struct EntryOrder {
+  std::vector<int64_t> kh, kw, class_begin;
+  int64_t row_phases = 1;
 
-// P[k, j] for k = (c, kh, kw) and window j = (oh - oh0) * OW + ow, oh in [oh0, oh1).
-COMPRESSOR_CLONES void Im2Col(const DiffConvGeometry& g, const Source& src, int64_t oh0,
-                              int64_t oh1, float* P) {
-  const int64_t cols = (oh1 - oh0) * g.OW;
-  const int64_t OW = g.OW, sw = g.stride_w;
-  for (int64_t c = 0; c < g.C; ++c) {
-    for (int64_t kh = 0; kh < g.kH; ++kh) {
-      for (int64_t kw = 0; kw < g.kW; ++kw) {
-        float* out = P + ((c * g.kH + kh) * g.kW + kw) * cols;
-        const float* in = src.data + (c * src.rows + kh * g.dilation_h) * src.row_length +
-                          kw * g.dilation_w;
-        for (int64_t oh = oh0; oh < oh1; ++oh, out += OW) {
-          const float* row = in + (oh - oh0) * g.stride_h * src.row_length;
-          if (sw == 1) {
-            for (int64_t ow = 0; ow < OW; ++ow) out[ow] = row[ow];
-          } else {
-            for (int64_t ow = 0; ow < OW; ++ow) out[ow] = row[ow * sw];
+  static EntryOrder Make(int64_t kH, int64_t kW, int64_t stride_h, int64_t stride_w,
+                         int64_t dilation_h, int64_t dilation_w) {
+    EntryOrder o;
+    o.row_phases = stride_h;
+    o.class_begin.push_back(0);
+    for (int64_t column_phase = 0; column_phase < stride_w; ++column_phase) {
+      for (int64_t row_phase = 0; row_phase < stride_h; ++row_phase) {
+        for (int64_t h = 0; h < kH; ++h) {
+          for (int64_t w = 0; w < kW; ++w) {
+            if ((w * dilation_w) % stride_w != column_phase || (h * dilation_h) % stride_h != row_phase) continue;
+            o.kh.push_back(h);
+            o.kw.push_back(w);
           }
         }
+        o.class_begin.push_back(static_cast<int64_t>(o.kh.size()));
       }
     }
+    return o;
   }
+};
+
+// Per kernel column: its phase and its window shift within the phase
+// (q = kw * dilation_w / stride_w); per entry (EntryOrder): its offset from a window's first
+// input float in the phase image.
+struct EntryOffsets {
+  std::vector<int64_t> offset;  // [entry]
+  std::vector<int64_t> phase;   // [kw]
+  std::vector<int64_t> shift;   // [kw]
+};
+
+EntryOffsets MakeEntryOffsets(const DiffConvGeometry& g, const PhaseLayout& p, const EntryOrder& order) {
+  EntryOffsets e;
+  e.phase.resize(g.kW);
+  e.shift.resize(g.kW);
+  for (int64_t kw = 0; kw < g.kW; ++kw) {
+    e.phase[kw] = (kw * g.dilation_w) % g.stride_w;
+    e.shift[kw] = (kw * g.dilation_w) / g.stride_w;
+  }
+  e.offset.resize(order.kh.size());
+  for (size_t t = 0; t < order.kh.size(); ++t) {
+    const int64_t kh = order.kh[t], kw = order.kw[t];
+    e.offset[t] = kh * g.dilation_h * p.RowStride() + e.phase[kw] * p.length + e.shift[kw];
+  }
+  return e;
 }
 
-// Copies the rows of the input that output rows [oh0, oh1) read into a zero-padded buffer.
-COMPRESSOR_CLONES void PaddedImage(const DiffConvGeometry& g, const float* image, int64_t oh0,
-                                   int64_t oh1, std::vector<float>& buffer, Source* source) {
-  Source s = PaddedSpan(g, oh0, oh1);
-  float* out = Scratch(buffer, static_cast<size_t>(std::max<int64_t>(1, g.C * s.rows * s.row_length)));
-  const int64_t first = std::max<int64_t>(0, -g.pad_left);
-  const int64_t last = std::min(g.W, s.row_length - g.pad_left);
-  for (int64_t c = 0; c < g.C; ++c) {
-    for (int64_t ih = s.row_begin; ih < s.row_end; ++ih) {
-      float* row = out + (c * s.rows + ih - s.row_begin) * s.row_length;
-      for (int64_t i = 0; i < s.row_length; ++i) row[i] = 0.0f;
-      if (ih < 0 || ih >= g.H) continue;
-      const float* in = image + (c * g.H + ih) * g.W;
-      for (int64_t iw = first; iw < last; ++iw) row[iw + g.pad_left] = in[iw];
-    }
-  }
-  s.data = out;
-  *source = s;
-}
-
-// Thresholded differences between each input column and the one stride_w to its left, on the
-// zero-padded span: the window difference P[:, ow] - P[:, ow - 1] is this image's patch at ow
-// (so differences are computed once per input element, not once per kernel entry). Returns
-// its nonzero count.
-COMPRESSOR_CLONES int64_t DifferenceImage(const DiffConvGeometry& g, const Source& padded,
-                                          std::vector<float>& buffer, Source* source) {
-  Source s = padded;
-  float* D = Scratch(buffer, static_cast<size_t>(std::max<int64_t>(1, g.C * s.rows * s.row_length)));
-  const float threshold = g.threshold;
+// Copies the input rows of a unit into its phase image (zeros outside the input). Rows are
+// short: inline loops, not memset/memcpy calls.
+__attribute__((optimize("no-tree-loop-distribute-patterns")))
+COMPRESSOR_CLONES void BuildPhaseImagePortable(const DiffConvGeometry& g, const PhaseLayout& p,
+                                       const float* image, float* out) {
   const int64_t sw = g.stride_w;
-  int64_t nonzero = 0;
-  for (int64_t r = 0; r < g.C * s.rows; ++r) {
-    const float* in = padded.data + r * s.row_length;
-    float* out = D + r * s.row_length;
-    int64_t kept = 0;
-    for (int64_t i = 0; i < std::min(sw, s.row_length); ++i) {  // left neighbour outside the span: 0
-      const bool keep = std::fabs(in[i]) > threshold;
-      out[i] = keep ? in[i] : 0.0f;
-      kept += keep;
-    }
-    for (int64_t i = sw; i < s.row_length; ++i) {
-      const float d = in[i] - in[i - sw];
-      const bool keep = std::fabs(d) > threshold;
-      out[i] = keep ? d : 0.0f;
-      kept += keep;
-    }
-    nonzero += kept;
+  // Per phase: the j range whose column j * sw + phase - pad_left lies in [0, W).
+  int64_t first[64], last[64];
+  for (int64_t phase = 0; phase < std::min<int64_t>(p.phases, 64); ++phase) {
+    first[phase] = std::clamp<int64_t>(CeilDiv(std::max<int64_t>(0, g.pad_left - phase), sw), 0, p.length);
+    last[phase] = g.W + g.pad_left - phase <= 0
+                      ? first[phase]
+                      : std::clamp<int64_t>(CeilDiv(g.W + g.pad_left - phase, sw), first[phase], p.length);
   }
-  s.data = D;
-  *source = s;
-  return nonzero;
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t r = 0; r < p.rows; ++r) {
+      float* row = out + c * p.ChannelStride() + r * p.RowStride();
+      const int64_t ih = p.row_begin + r;
+      if (ih < 0 || ih >= g.H) {
+        for (int64_t j = 0; j < p.RowStride(); ++j) row[j] = 0.0f;
+        continue;
+      }
+      const float* in = image + (c * g.H + ih) * g.W;
+      for (int64_t phase = 0; phase < p.phases; ++phase) {
+        float* dst = row + phase * p.length;
+        int64_t j0, j1;
+        if (phase < 64) {
+          j0 = first[phase];
+          j1 = last[phase];
+        } else {
+          j0 = std::clamp<int64_t>(CeilDiv(std::max<int64_t>(0, g.pad_left - phase), sw), 0, p.length);
+          j1 = g.W + g.pad_left - phase <= 0
+                   ? j0
+                   : std::clamp<int64_t>(CeilDiv(g.W + g.pad_left - phase, sw), j0, p.length);
+        }
+        for (int64_t j = 0; j < j0; ++j) dst[j] = 0.0f;
+        const float* src = in + phase - g.pad_left;
+        if (sw == 1) {
+          for (int64_t j = j0; j < j1; ++j) dst[j] = src[j];
+        } else {
+          for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * sw];
+        }
+        for (int64_t j = j1; j < p.length; ++j) dst[j] = 0.0f;
+      }
+    }
+  }
 }
 
-// Puts the input patch back into the restart windows (ow = 0, restart, ...) of a difference
-// matrix; returns the nonzeros it wrote.
-int64_t RestoreRestartWindows(const DiffConvGeometry& g, const float* image, int64_t oh0,
-                              int64_t oh1, float* P) {
-  const int64_t cols = (oh1 - oh0) * g.OW;
-  int64_t nonzero = 0;
-  for (int64_t c = 0; c < g.C; ++c) {
-    for (int64_t kh = 0; kh < g.kH; ++kh) {
-      for (int64_t kw = 0; kw < g.kW; ++kw) {
-        float* row = P + ((c * g.kH + kh) * g.kW + kw) * cols;
-        for (int64_t oh = oh0; oh < oh1; ++oh) {
-          const int64_t ih = oh * g.stride_h - g.pad_top + kh * g.dilation_h;
-          for (int64_t ow = 0; ow < g.OW; ow += g.restart) {
-            const int64_t iw = ow * g.stride_w - g.pad_left + kw * g.dilation_w;
-            const float v =
-                (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) ? image[(c * g.H + ih) * g.W + iw] : 0.0f;
-            row[(oh - oh0) * g.OW + ow] = v;
-            nonzero += v != 0.0f;
+// The same with AVX-512: per 16 floats one masked load (stride_w 1) or masked gather, and one
+// masked store (the masked lanes of a load or gather never fault), so a row costs a few
+// instructions.
+__attribute__((target("avx512f"))) void BuildPhaseImageAvx512(const DiffConvGeometry& g,
+                                                              const PhaseLayout& p,
+                                                              const float* image, float* out) {
+  const int64_t sw = g.stride_w;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i lane_offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(sw)));
+  auto range_mask = [](int64_t begin, int64_t end) -> __mmask16 {  // lanes in [begin, end)
+    begin = std::clamp<int64_t>(begin, 0, 16);
+    end = std::clamp<int64_t>(end, 0, 16);
+    if (end <= begin) return 0;
+    return static_cast<__mmask16>(((1u << end) - 1u) & ~((1u << begin) - 1u));
+  };
+  // The masks depend only on the chunk of 16 within a row: computed once.
+  const int64_t chunks = CeilDiv(p.length, 16);
+  std::vector<__mmask16> store_mask(chunks), low_mask(chunks), high_mask(chunks);
+  if (sw == 2) {  // de-interleave 32 columns into 16 of each phase with two permutes
+    for (int64_t k = 0; k < chunks; ++k) {  // columns 2j + lane - pad_left must lie in [0, W)
+      const int64_t j = 16 * k, first = g.pad_left - 2 * j, end = g.W + g.pad_left - 2 * j;
+      store_mask[k] = range_mask(0, p.length - j);
+      low_mask[k] = range_mask(first, end);
+      high_mask[k] = range_mask(first - 16, end - 16);
+    }
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for (int64_t c = 0; c < g.C; ++c) {
+      for (int64_t r = 0; r < p.rows; ++r) {
+        float* row = out + c * p.ChannelStride() + r * p.RowStride();
+        const int64_t ih = p.row_begin + r;
+        const bool inside = ih >= 0 && ih < g.H;
+        const float* src = inside ? image + (c * g.H + ih) * g.W - g.pad_left : nullptr;
+        for (int64_t k = 0; k < chunks; ++k) {
+          __m512 low = zero, high = zero;
+          if (inside) {
+            low = _mm512_maskz_loadu_ps(low_mask[k], src + 32 * k);
+            high = _mm512_maskz_loadu_ps(high_mask[k], src + 32 * k + 16);
           }
+          _mm512_mask_storeu_ps(row + 16 * k, store_mask[k], _mm512_permutex2var_ps(low, even, high));
+          _mm512_mask_storeu_ps(row + p.length + 16 * k, store_mask[k],
+                                _mm512_permutex2var_ps(low, odd, high));
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t phase = 0; phase < p.phases; ++phase) {
+    // j range whose column j * sw + phase - pad_left lies in [0, W)
+    const int64_t j0 = std::clamp<int64_t>(CeilDiv(std::max<int64_t>(0, g.pad_left - phase), sw), 0, p.length);
+    const int64_t j1 = g.W + g.pad_left - phase <= 0
+                           ? j0
+                           : std::clamp<int64_t>(CeilDiv(g.W + g.pad_left - phase, sw), j0, p.length);
+    for (int64_t k = 0; k < chunks; ++k) {
+      store_mask[k] = range_mask(0, p.length - 16 * k);
+      low_mask[k] = range_mask(j0 - 16 * k, j1 - 16 * k);
+    }
+    for (int64_t c = 0; c < g.C; ++c) {
+      for (int64_t r = 0; r < p.rows; ++r) {
+        float* row = out + c * p.ChannelStride() + r * p.RowStride() + phase * p.length;
+        const int64_t ih = p.row_begin + r;
+        const bool inside = ih >= 0 && ih < g.H;
+        const float* src = inside ? image + (c * g.H + ih) * g.W + phase - g.pad_left : nullptr;
+        for (int64_t k = 0; k < chunks; ++k) {
+          __m512 v = zero;
+          if (inside && sw == 1) {
+            v = _mm512_maskz_loadu_ps(low_mask[k], src + 16 * k);
+          } else if (inside && low_mask[k]) {
+            v = _mm512_mask_i32gather_ps(zero, low_mask[k], lane_offsets, src + 16 * k * sw, 4);
+          }
+          _mm512_mask_storeu_ps(row + 16 * k, store_mask[k], v);
         }
       }
     }
   }
-  return nonzero;
 }
 
-COMPRESSOR_CLONES int64_t CountNonzero(const float* data, int64_t size) {
+void BuildPhaseImage(const DiffConvGeometry& g, const PhaseLayout& p, const float* image,
+                     float* out) {
+  if (HasAvx512()) {
+    BuildPhaseImageAvx512(g, p, image, out);
+  } else {
+    BuildPhaseImagePortable(g, p, image, out);
+  }
+}
+
+// Differences along each phase row of a phase image: the column differences
+// x(col) - x(col - stride_w). j = 0 has no left neighbour in its row and is only read by
+// restart windows: it is never kept. A difference is kept when |d| > threshold.
+
+// Number of kept differences (picks the path). Runs over the rows as one array, then takes
+// back the pairs that straddle two rows.
+COMPRESSOR_CLONES int64_t CountDifferences(const float* phase_image, int64_t rows, int64_t length,
+                                           float threshold) {
+  const int64_t size = rows * length;
   int64_t count = 0;
-  for (int64_t i = 0; i < size; ++i) count += data[i] != 0.0f;
+  for (int64_t i0 = 1; i0 < size; i0 += 4096) {  // 32-bit lanes count each block
+    const int64_t i1 = std::min(size, i0 + 4096);
+    int32_t kept = 0;
+    for (int64_t i = i0; i < i1; ++i) kept += std::fabs(phase_image[i] - phase_image[i - 1]) > threshold;
+    count += kept;
+  }
+  for (int64_t r = 1; r < rows; ++r) {
+    const int64_t i = r * length;
+    count -= std::fabs(phase_image[i] - phase_image[i - 1]) > threshold;
+  }
   return count;
 }
 
-typedef float Vec16 __attribute__((vector_size(64)));
-
-__attribute__((always_inline)) inline Vec16 Load16(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+// The difference image (the dense path runs the micro-kernel on it): kept differences, else 0.
+// Runs over the rows as one array, then clears each row's first element.
+COMPRESSOR_CLONES void BuildDifferenceImage(const float* phase_image, int64_t rows, int64_t length,
+                                            float threshold, float* out) {
+  const int64_t size = rows * length;
+  out[0] = 0.0f;
+  for (int64_t i = 1; i < size; ++i) {
+    const float d = phase_image[i] - phase_image[i - 1];
+    out[i] = std::fabs(d) > threshold ? d : 0.0f;
+  }
+  for (int64_t r = 1; r < rows; ++r) out[r * length] = 0.0f;
 }
-__attribute__((always_inline)) inline void Store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// The sparse product: every kept difference d at input (c, ih, iw) is multiplied once per
-// kernel entry (kh, kw) whose window (oh, ow) is not a restart window, and added to that
-// window's output channels: Yt[window, :] += d * WT[k, :]. Yt is window-major [cols, ldy].
-// Loop order: per input row, its nonzeros are listed once; then for each kernel entry the
-// weight vector stays in registers while the nonzeros hit distinct windows, so consecutive
-// updates never wait on each other through memory.
-// Returns the multiplications per output channel (the kept differences of the algorithm).
-template <int NV>
-__attribute__((always_inline)) inline int64_t ScatterImpl(const DiffConvGeometry& g,
-                                                          const Source& d, int64_t oh0,
-                                                          int64_t oh1, const float* WT,
-                                                          int64_t ldwt, float* Yt, int64_t ldy,
-                                                          const uint8_t* is_restart,
-                                                          int32_t* positions, float* values) {
-  int64_t performed = 0;
-  for (int64_t c = 0; c < g.C; ++c) {
-    for (int64_t ih = d.row_begin; ih < d.row_end; ++ih) {
-      const float* row = d.data + (c * d.rows + ih - d.row_begin) * d.row_length;
-      int64_t count = 0;
-      for (int64_t i = 0; i < d.row_length; ++i) {  // branch-free compaction
-        positions[count] = static_cast<int32_t>(i);  // iw + pad_left
-        values[count] = row[i];
-        count += row[i] != 0.0f;
+// Prefix sum along each output row of the buffer, restarting at restart windows.
+COMPRESSOR_CLONES void PrefixSumRows(float* out, int64_t rows, int64_t row_stride, int64_t OW,
+                                     int64_t restart, int nv) {
+  for (int64_t row = 0; row < rows; ++row) {
+    float* o = out + row * row_stride;
+    for (int64_t ow = 1; ow < OW; ++ow) {
+      if (ow % restart == 0) continue;
+      float* cur = o + ow * kTileWidth;
+      const float* prev = cur - kTileWidth;
+      for (int v = 0; v < nv; ++v) Store16(cur + v * kLanes, Load16(cur + v * kLanes) + Load16(prev + v * kLanes));
+    }
+  }
+}
+
+// One butterfly stage of a 16x16 transpose: swaps bit K of the row index with bit K of the
+// column index for the row pair (a, b = a + 2^K).
+template <int K, size_t... I>
+COMPRESSOR_INLINE Vec16 TransposeLow(Vec16 a, Vec16 b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (((I >> K) & 1) ? 16 + I - (1 << K) : I)...);
+}
+template <int K, size_t... I>
+COMPRESSOR_INLINE Vec16 TransposeHigh(Vec16 a, Vec16 b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (((I >> K) & 1) ? 16 + I : I + (1 << K))...);
+}
+template <int K>
+COMPRESSOR_INLINE void TransposeStage(Vec16* r) {
+  constexpr int kStep = 1 << K;
+#pragma GCC unroll 16
+  for (int a = 0; a < 16; ++a) {
+    if (a & kStep) continue;
+    const Vec16 low = TransposeLow<K>(r[a], r[a + kStep], std::make_index_sequence<16>());
+    const Vec16 high = TransposeHigh<K>(r[a], r[a + kStep], std::make_index_sequence<16>());
+    r[a] = low;
+    r[a + kStep] = high;
+  }
+}
+
+// Y[(m0 + m) * plane + j] = buffer window j's channel m + bias[m0 + m], for the `count`
+// windows of the unit (window j at out + (j / OW) * row_stride + (j % OW) * kTileWidth) and
+// m < channels: 16 windows x 16 channels at a time through a register transpose.
+struct StoreCall {
+  const float* out;
+  int64_t row_stride, OW, count, channels, plane;
+  const float* bias;  // for these channels, or nullptr
+  float* y;           // channel 0, window 0 of the unit
+};
+
+// When count >= 16, the last block is shifted back to end at `count` (it rewrites some
+// windows of the previous block with the same values) so every store is a whole vector.
+COMPRESSOR_CLONES void StoreTransposed(const StoreCall& a) {
+  for (int64_t j0 = 0; j0 < a.count; j0 += kLanes) {
+    const int64_t start = a.count >= kLanes ? std::min(j0, a.count - kLanes) : 0;
+    const int64_t n = std::min<int64_t>(kLanes, a.count - start);
+    const float* src[kLanes];
+    int64_t row = start / a.OW, ow = start % a.OW;
+    const float* last = a.out + row * a.row_stride + ow * kTileWidth;
+    for (int64_t i = 0; i < kLanes; ++i) {
+      src[i] = last;  // windows past the end repeat the last one (never stored)
+      if (i + 1 < n && ++ow == a.OW) {
+        ow = 0;
+        ++row;
       }
-      if (count == 0) continue;
-      for (int64_t kh = 0; kh < g.kH; ++kh) {
-        int64_t oh = ih + g.pad_top - kh * g.dilation_h;
-        if (oh < 0) break;
-        if (g.stride_h != 1) {
-          if (oh % g.stride_h != 0) continue;
-          oh /= g.stride_h;
+      if (i + 1 < n) last = a.out + row * a.row_stride + ow * kTileWidth;
+    }
+    for (int64_t m0 = 0; m0 < a.channels; m0 += kLanes) {
+      Vec16 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) r[i] = Load16(src[i] + m0);
+      TransposeStage<0>(r);
+      TransposeStage<1>(r);
+      TransposeStage<2>(r);
+      TransposeStage<3>(r);
+      const int64_t mn = std::min<int64_t>(kLanes, a.channels - m0);
+#pragma GCC unroll 16
+      for (int m = 0; m < 16; ++m) {  // unrolled: r stays in registers
+        if (m >= mn) break;
+        const Vec16 v = r[m] + (a.bias ? a.bias[m0 + m] : 0.0f);
+        float* dst = a.y + (m0 + m) * a.plane + start;
+        if (n == kLanes) {
+          Store16(dst, v);
+        } else {
+          for (int64_t i = 0; i < n; ++i) dst[i] = v[i];
         }
-        if (oh < oh0 || oh >= oh1) continue;
-        float* out_row = Yt + (oh - oh0) * g.OW * ldy;
-        for (int64_t kw = 0; kw < g.kW; ++kw) {
-          const float* w = WT + ((c * g.kH + kh) * g.kW + kw) * ldwt;
-          Vec16 weight[NV];
-          for (int v = 0; v < NV; ++v) weight[v] = Load16(w + 16 * v);
-          const int64_t offset = kw * g.dilation_w;
-          for (int64_t p = 0; p < count; ++p) {
-            int64_t ow = positions[p] - offset;
-            if (ow < 0) continue;
-            if (g.stride_w != 1) {
-              if (ow % g.stride_w != 0) continue;
-              ow /= g.stride_w;
+      }
+    }
+  }
+}
+
+// Kept differences grouped by position of the phase image (pos = (r * phases + phase) *
+// length + j, one channel's worth): the input channels c whose difference there is kept,
+// ascending, and the values, entries [starts[pos], starts[pos + 1]). Positions with j = 0
+// have none (their difference is only read by restart windows). The arrays need 16 entries
+// of slack past the last one.
+struct PositionLists {
+  int32_t* channels;
+  float* values;
+  int32_t* starts;  // [positions + 1]
+};
+
+void BuildPositionListsPortable(const PhaseLayout& p, int64_t C, const float* x,
+                                float threshold, const PositionLists& out) {
+  const int64_t positions = p.Size();
+  int32_t count = 0;
+  for (int64_t pos = 0; pos < positions; ++pos) {
+    out.starts[pos] = count;
+    if (pos % p.length == 0) continue;
+    for (int64_t c = 0; c < C; ++c) {  // branch-free compaction
+      const float d = x[c * positions + pos] - x[c * positions + pos - 1];
+      out.channels[count] = static_cast<int32_t>(c);
+      out.values[count] = d;
+      count += std::fabs(d) > threshold;
+    }
+  }
+  out.starts[positions] = count;
+}
+
+// The same with AVX-512: differences for 16 channels x 16 positions, a register transpose
+// into `transposed` [positions][C rounded up to 16], then one compress per 16 channels of a
+// position.
+__attribute__((target("avx512f"))) void BuildPositionListsAvx512(const PhaseLayout& p,
+                                                                 int64_t C, const float* x,
+                                                                 float threshold,
+                                                                 const PositionLists& out,
+                                                                 float* transposed) {
+  const int64_t positions = p.Size(), padded = RoundUp(C, kLanes);
+  for (int64_t c0 = 0; c0 < padded; c0 += kLanes) {
+    for (int64_t pos0 = 0; pos0 < positions; pos0 += kLanes) {
+      const int64_t n = std::min<int64_t>(kLanes, positions - pos0);
+      const __mmask16 valid = static_cast<__mmask16>(n == kLanes ? 0xFFFF : (1u << n) - 1u);
+      const __mmask16 previous = pos0 == 0 ? static_cast<__mmask16>(valid & ~1u) : valid;
+      Vec16 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        r[i] = Vec16{};
+        if (c0 + i < C) {
+          const float* xc = x + (c0 + i) * positions + pos0;
+          const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, xc),
+                                         _mm512_maskz_loadu_ps(previous, xc - 1));
+          std::memcpy(&r[i], &d, sizeof(d));
+        }
+      }
+      TransposeStage<0>(r);
+      TransposeStage<1>(r);
+      TransposeStage<2>(r);
+      TransposeStage<3>(r);
+      for (int64_t k = 0; k < n; ++k) Store16(transposed + (pos0 + k) * padded + c0, r[k]);
+    }
+  }
+  const __m512 limit = _mm512_set1_ps(threshold);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int32_t count = 0;
+  for (int64_t pos = 0; pos < positions; ++pos) {
+    out.starts[pos] = count;
+    if (pos % p.length == 0) continue;
+    const float* t = transposed + pos * padded;
+    for (int64_t c0 = 0; c0 < padded; c0 += kLanes) {  // padded channels are 0: never kept
+      const __m512 d = _mm512_loadu_ps(t + c0);
+      const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_abs_ps(d), limit, _CMP_GT_OQ);
+      const __m512i c = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(c0)), lane);
+      _mm512_storeu_ps(out.values + count, _mm512_maskz_compress_ps(keep, d));
+      _mm512_storeu_si512(out.channels + count, _mm512_maskz_compress_epi32(keep, c));
+      count += __builtin_popcount(keep);
+    }
+  }
+  out.starts[positions] = count;
+}
+
+// Kept differences of the algorithm in a unit: for every non-restart window and kernel entry,
+// whether the difference it reads is kept (the lengths of the position lists).
+int64_t CountKept(const DiffConvGeometry& g, const PhaseLayout& p, const EntryOffsets& e,
+                  const int32_t* starts, int64_t rows) {
+  int64_t kept = 0;
+  for (int64_t kh = 0; kh < g.kH; ++kh) {
+    for (int64_t kw = 0; kw < g.kW; ++kw) {
+      for (int64_t row = 0; row < rows; ++row) {
+        const int64_t r = row * g.stride_h + kh * g.dilation_h;
+        const int64_t base = (r * p.phases + e.phase[kw]) * p.length + e.shift[kw];
+        for (int64_t ow = 1; ow < g.OW; ++ow) {
+          if (ow % g.restart != 0) kept += starts[base + ow + 1] - starts[base + ow];
+        }
+      }
+    }
+  }
+  return kept;
+}
+
+// The micro-kernel: for P windows (each given by the address of its first input float, entry
+// (c=0, kh=0, kw=0)) and a tile of NV * 16 output channels, sums over the kernel entries
+// k = (c, kh, kw) of `channels` input channels from channel c0 the input value times the
+// packed weight vector wp[k] (wp: [c0's first entry][NV*16]), and stores (or with
+// `accumulate`, adds) the P x NV*16 results at out[p]. Accumulators live in registers.
+template <int NV, int P>
+COMPRESSOR_INLINE void ConvWindows(const float* const* window, int64_t window_offset,
+                                   const float* wp, const int64_t* offsets,
+                                   int64_t entries_per_channel, int64_t channels,
+                                   int64_t channel_stride, bool accumulate, float* const* out) {
+  constexpr int64_t kWidth = NV * kLanes;
+  Vec16 acc[P][NV];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[p][v] = accumulate ? Load16(out[p] + v * kLanes) : Vec16{};
+  }
+  const float* base[P];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) base[p] = window[p] + window_offset;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t t = 0; t < entries_per_channel; ++t, wp += kWidth) {
+      const int64_t o = offsets[t];
+      Vec16 w[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) w[v] = Load16(wp + v * kLanes);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const float s = base[p][o];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[p][v] += s * w[v];
+      }
+    }
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) base[p] += channel_stride;
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) Store16(out[p] + v * kLanes, acc[p][v]);
+  }
+}
+
+// The micro-kernel for r <= R windows (R a compile-time bound).
+template <int NV, int R>
+COMPRESSOR_INLINE void ConvSome(int64_t r, const float* const* window, int64_t window_offset,
+                                const float* wp, const int64_t* offsets,
+                                int64_t entries_per_channel, int64_t channels,
+                                int64_t channel_stride, bool accumulate, float* const* out) {
+  if constexpr (R > 0) {
+    if (r == R) {
+      ConvWindows<NV, R>(window, window_offset, wp, offsets, entries_per_channel, channels,
+                         channel_stride, accumulate, out);
+    } else {
+      ConvSome<NV, R - 1>(r, window, window_offset, wp, offsets, entries_per_channel, channels,
+                          channel_stride, accumulate, out);
+    }
+  }
+}
+
+// Runs the micro-kernel over a list of windows in as few calls as P allows, with the windows
+// spread evenly over the calls: a call on 1 or 2 windows would wait on its few accumulators
+// and on the weights it streams (e.g. 7 windows go as 4 + 3, not 6 + 1). Input channels go in
+// blocks whose weights fit in L1, every window of the list per block.
+template <int NV>
+COMPRESSOR_INLINE void ConvWindowList(const float* const* window, float* const* out,
+                                      int64_t count, const float* wp, const int64_t* offsets,
+                                      int64_t entries_per_channel, int64_t channels,
+                                      int64_t channel_stride) {
+  constexpr int P = WindowsPerCall<NV>();
+  constexpr int64_t kWidth = NV * kLanes;
+  const int64_t calls = CeilDiv(count, P);
+  const int64_t block = std::max<int64_t>(
+      1, kWeightBlockBytes / (entries_per_channel * kWidth * static_cast<int64_t>(sizeof(float))));
+  for (int64_t c0 = 0; c0 < channels; c0 += block) {
+    const int64_t c1 = std::min(channels, c0 + block);
+    const float* wb = wp + c0 * entries_per_channel * kWidth;
+    int64_t i = 0;
+    for (int64_t call = 0; call < calls; ++call) {
+      const int64_t r = count / calls + (call < count % calls ? 1 : 0);
+      ConvSome<NV, P>(r, window + i, c0 * channel_stride, wb, offsets, entries_per_channel,
+                      c1 - c0, channel_stride, c0 > 0, out + i);
+      i += r;
+    }
+  }
+}
+
+struct ConvCall {
+  const float* const* window;
+  float* const* out;
+  int64_t count;
+  const float* wp;
+  const int64_t* offsets;
+  int64_t entries_per_channel, channels, channel_stride;
+  int nv;
+};
+
+COMPRESSOR_CLONES void RunConv(const ConvCall& a) {
+  switch (a.nv) {
+    case 4: ConvWindowList<4>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
+    case 3: ConvWindowList<3>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
+    case 2: ConvWindowList<2>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
+    default: ConvWindowList<1>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
+  }
+}
+
+// The sparse product, output-stationary. For one column phase and a group of G kernel
+// entries (kh, kw) of that phase, each position (r, j) of the phase image with kept
+// differences feeds window (row (r - kh * dilation_h) / stride_h, ow = j - shift[kw]) through
+// entry (kh, kw): acc[entry] = sum over the position's kept (c, d) of d * W[c, kh, kw] is
+// formed in registers (G * NV accumulators; two sets when that is too few to hide the
+// multiply-add latency) and added once to each of those windows that is a non-restart window
+// of the unit. The group's weights over all input channels stay in L1 while every position is
+// visited.
+struct GatherCall {
+  const DiffConvGeometry* g;
+  const PhaseLayout* layout;
+  const EntryOffsets* entry;
+  const EntryOrder* order;
+  PositionLists lists;
+  const float* wp;  // packed weights of the tile, [C][entries][16 * nv]
+  float* out;       // window 0 of row 0 of the output buffer
+  int64_t row_stride, rows;
+  int nv;
+};
+
+// Entries [first, first + G) of EntryOrder, all of one class, of column phase `phase`.
+template <int NV, int G>
+COMPRESSOR_INLINE void GatherGroup(const GatherCall& a, int64_t phase, int64_t first) {
+  const DiffConvGeometry& g = *a.g;
+  const PhaseLayout& p = *a.layout;
+  constexpr int64_t kWidth = NV * kLanes;
+  constexpr bool kTwoSets = G * NV < 8;
+  const int64_t channel_stride = g.kH * g.kW * kWidth;
+  const int32_t* starts = a.lists.starts;
+  const int32_t* channels = a.lists.channels;
+  const float* values = a.lists.values;
+  const float* wp = a.wp + first * kWidth;  // entry first + e of channel c: wp[c * stride + e * kWidth]
+  int64_t kh[G], shift[G];
+  for (int e = 0; e < G; ++e) {
+    kh[e] = a.order->kh[first + e];
+    shift[e] = a.entry->shift[a.order->kw[first + e]];
+  }
+  for (int64_t r = 0; r < p.rows; ++r) {
+    float* row_out[G];
+    bool any = false;
+    for (int e = 0; e < G; ++e) {
+      const int64_t shifted = r - kh[e] * g.dilation_h;
+      const bool ok = shifted >= 0 && shifted % g.stride_h == 0 && shifted / g.stride_h < a.rows;
+      row_out[e] = ok ? a.out + shifted / g.stride_h * a.row_stride : nullptr;
+      any |= ok;
+    }
+    if (!any) continue;
+    const int32_t* row_starts = starts + (r * p.phases + phase) * p.length;
+    for (int64_t j = 1; j < p.length; ++j) {
+      int64_t i = row_starts[j];
+      const int64_t end = row_starts[j + 1];
+      if (i == end) continue;
+      Vec16 acc[G][NV], acc2[kTwoSets ? G : 1][NV];
+#pragma GCC unroll 16
+      for (int e = 0; e < G; ++e) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[e][v] = Vec16{};
+      }
+      if constexpr (kTwoSets) {
+#pragma GCC unroll 16
+        for (int e = 0; e < G; ++e) {
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc2[e][v] = Vec16{};
+        }
+        for (; i + 1 < end; i += 2) {
+          const float* w0 = wp + channels[i] * channel_stride;
+          const float* w1 = wp + channels[i + 1] * channel_stride;
+          const float d0 = values[i], d1 = values[i + 1];
+#pragma GCC unroll 16
+          for (int e = 0; e < G; ++e) {
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) {
+              acc[e][v] += d0 * Load16(w0 + e * kWidth + v * kLanes);
+              acc2[e][v] += d1 * Load16(w1 + e * kWidth + v * kLanes);
             }
-            if (ow >= g.OW || is_restart[ow]) continue;
-            float* out = out_row + ow * ldy;
-            const float value = values[p];
-            for (int v = 0; v < NV; ++v) Store16(out + 16 * v, Load16(out + 16 * v) + value * weight[v]);
-            ++performed;
           }
         }
       }
-    }
-  }
-  return performed;
-}
-
-#define COMPRESSOR_SCATTER(NV)                                                                  \
-  COMPRESSOR_CLONES int64_t Scatter##NV(const DiffConvGeometry& g, const Source& d, int64_t oh0, \
-                                        int64_t oh1, const float* WT, int64_t ldwt, float* Yt,   \
-                                        int64_t ldy, const uint8_t* is_restart,                  \
-                                        int32_t* positions, float* values) {                     \
-    return ScatterImpl<NV>(g, d, oh0, oh1, WT, ldwt, Yt, ldy, is_restart, positions, values);    \
-  }
-COMPRESSOR_SCATTER(1)
-COMPRESSOR_SCATTER(2)
-COMPRESSOR_SCATTER(4)
-COMPRESSOR_SCATTER(8)
-
-// Channel blocks of at most 128 (8 vectors of 16 in registers).
-int64_t ScatterDifferences(const DiffConvGeometry& g, const Source& d, int64_t oh0, int64_t oh1,
-                           const float* WT, int64_t ldwt, int64_t channels16, float* Yt,
-                           int64_t ldy, const uint8_t* is_restart, int32_t* positions,
-                           float* values) {
-  int64_t performed = 0;
-  bool first = true;
-  for (int64_t m = 0; m < channels16;) {
-    const int64_t left = (channels16 - m) / 16;
-    const int nv = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-    int64_t counted = 0;
-    switch (nv) {
-      case 8: counted = Scatter8(g, d, oh0, oh1, WT + m, ldwt, Yt + m, ldy, is_restart, positions, values); break;
-      case 4: counted = Scatter4(g, d, oh0, oh1, WT + m, ldwt, Yt + m, ldy, is_restart, positions, values); break;
-      case 2: counted = Scatter2(g, d, oh0, oh1, WT + m, ldwt, Yt + m, ldy, is_restart, positions, values); break;
-      default: counted = Scatter1(g, d, oh0, oh1, WT + m, ldwt, Yt + m, ldy, is_restart, positions, values); break;
-    }
-    if (first) performed = counted;
-    first = false;
-    m += 16 * nv;
-  }
-  return performed;
-}
-
-// out[m * ld_out + j] = Yt[j * ldy + m] + bias[m], in blocks of 16 windows so both sides stay
-// in cache lines.
-COMPRESSOR_CLONES void StoreChannelMajor(const float* Yt, int64_t cols, int64_t channels,
-                                         int64_t ldy, const float* bias, float* out,
-                                         int64_t ld_out) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
-    const int64_t j1 = std::min(cols, j0 + kBlock);
-    for (int64_t m = 0; m < channels; ++m) {
-      const float b = bias ? bias[m] : 0.0f;
-      float* o = out + m * ld_out;
-      for (int64_t j = j0; j < j1; ++j) o[j] = Yt[j * ldy + m] + b;
+      for (; i < end; ++i) {
+        const float* w0 = wp + channels[i] * channel_stride;
+        const float d0 = values[i];
+#pragma GCC unroll 16
+        for (int e = 0; e < G; ++e) {
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[e][v] += d0 * Load16(w0 + e * kWidth + v * kLanes);
+        }
+      }
+#pragma GCC unroll 16
+      for (int e = 0; e < G; ++e) {
+        const int64_t ow = j - shift[e];
+        if (row_out[e] == nullptr || ow < 1 || ow >= g.OW || ow % g.restart == 0) continue;
+        float* o = row_out[e] + ow * kTileWidth;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          Vec16 sum = acc[e][v];
+          if constexpr (kTwoSets) sum += acc2[e][v];
+          Store16(o + v * kLanes, Load16(o + v * kLanes) + sum);
+        }
+      }
     }
   }
 }
 
-// Prefix sum of window-major rows along each output row, restarting at restart windows.
-COMPRESSOR_CLONES void PrefixSumWindows(float* Yt, int64_t rows, int64_t OW, int64_t restart,
-                                        int64_t channels16, int64_t ldy) {
-  const int64_t lanes = channels16 / 16;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t ow = 1; ow < OW; ++ow) {
-      if (ow % restart == 0) continue;  // once per window, not per multiplication
-      float* cur = Yt + (r * OW + ow) * ldy;
-      const float* prev = cur - ldy;
-      for (int64_t v = 0; v < lanes; ++v) Store16(cur + 16 * v, Load16(cur + 16 * v) + Load16(prev + 16 * v));
+// GatherGroup for a group of count <= G entries (G a compile-time bound).
+template <int NV, int G>
+COMPRESSOR_INLINE void GatherSome(int64_t count, const GatherCall& a, int64_t phase, int64_t first) {
+  if constexpr (G > 0) {
+    if (count == G) {
+      GatherGroup<NV, G>(a, phase, first);
+    } else {
+      GatherSome<NV, G - 1>(count, a, phase, first);
     }
   }
 }
 
-// W [M, K] -> WT [K, round_up(M, 16)], zero-padded channels.
-std::vector<float> TransposeWeight(const float* w, int64_t M, int64_t K) {
-  const int64_t ld = RoundUp(M, kChannelAlign);
-  std::vector<float> wt(static_cast<size_t>(K * ld), 0.0f);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) wt[k * ld + m] = w[m * K + k];
+template <int NV>
+COMPRESSOR_INLINE void GatherImpl(const GatherCall& a) {
+  const DiffConvGeometry& g = *a.g;
+  constexpr int kMax = EntriesPerGroup<NV>();
+  // Entries per pass: as many as registers allow whose weights (C x 16 * NV floats each) fit
+  // in L1 together.
+  const int64_t entry_bytes = g.C * NV * kLanes * static_cast<int64_t>(sizeof(float));
+  const int64_t group = std::clamp<int64_t>(kWeightBlockBytes / entry_bytes, 1, kMax);
+  const int64_t classes = static_cast<int64_t>(a.order->class_begin.size()) - 1;
+  for (int64_t k = 0; k < classes; ++k) {
+    const int64_t phase = k / a.order->row_phases;  // column phase
+    const int64_t begin = a.order->class_begin[k], entries = a.order->class_begin[k + 1] - begin;
+    if (entries == 0) continue;
+    const int64_t passes = CeilDiv(entries, group);
+    int64_t first = begin;
+    for (int64_t pass = 0; pass < passes; ++pass) {  // entries spread evenly over the passes
+      const int64_t count = entries / passes + (pass < entries % passes ? 1 : 0);
+      GatherSome<NV, kMax>(count, a, phase, first);
+      first += count;
+    }
   }
-  return wt;
+}
+
+COMPRESSOR_CLONES void RunGather(const GatherCall& a) {
+  switch (a.nv) {
+    case 4: GatherImpl<4>(a); break;
+    case 3: GatherImpl<3>(a); break;
+    case 2: GatherImpl<2>(a); break;
+    default: GatherImpl<1>(a); break;
+  }
+}
+
+// Weights [M, C, kH, kW] packed per channel tile of up to 64: tile t (channels [64t, 64t +
+// 16 * nv)) is [C][entries in EntryOrder][16 * nv] at t * K * 64, channels >= M zero.
+std::vector<float> PackWeights(const float* w, int64_t M, int64_t C, int64_t kH, int64_t kW,
+                               const EntryOrder& order) {
+  const int64_t K = C * kH * kW, tiles = CeilDiv(M, kTileWidth);
+  std::vector<float> packed(static_cast<size_t>(tiles * K * kTileWidth), 0.0f);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t m0 = t * kTileWidth;
+    const int64_t width = std::min(kTileWidth, RoundUp(M - m0, kLanes));
+    float* dst = packed.data() + t * K * kTileWidth;
+    for (int64_t m = m0; m < std::min(M, m0 + kTileWidth); ++m) {
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t e = 0; e < kH * kW; ++e) {
+          const float value = w[((m * C + c) * kH + order.kh[e]) * kW + order.kw[e]];
+          dst[(c * kH * kW + e) * width + (m - m0)] = value;
+        }
+      }
+    }
+  }
+  return packed;
 }
 
 struct Scratchpad {
-  std::vector<float> patches, padded, differences, values, transposed_out;
-  std::vector<int32_t> row_start, index, cursor;
-  std::vector<uint8_t> restart_flags;
-  std::vector<int32_t> positions;
-  std::vector<float> row_values;
-};
-
-struct Unit {
-  int64_t n, oh0, oh1, m0, m1;
+  std::vector<float> phase_image, differences, out, transposed, values;
+  std::vector<int32_t> channels, starts;
+  std::vector<const float*> windows;
+  std::vector<float*> outs;
 };
 
 class DiffConvCpuKernel {
  public:
   DiffConvCpuKernel(const OrtApi& api, const OrtKernelInfo* info)
       : attributes_(DiffConvAttributes::Read(info)), path_(PathFromEnvironment()) {
-    // A constant weight is transposed once for the sparse product.
+    // A constant weight is packed once.
     int is_constant = 0;
     const OrtValue* weight = nullptr;
     OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &weight);
@@ -353,9 +855,11 @@ class DiffConvCpuKernel {
       auto shape = value.GetTensorTypeAndShapeInfo().GetShape();
       if (shape.size() == 4 && value.GetTensorTypeAndShapeInfo().GetElementType() ==
                                    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-        const int64_t K = shape[1] * shape[2] * shape[3];
-        constant_wt_ = TransposeWeight(value.GetTensorData<float>(), shape[0], K);
-        constant_wt_shape_ = shape;
+        const EntryOrder order =
+            EntryOrder::Make(shape[2], shape[3], attributes_.strides[0], attributes_.strides[1],
+                             attributes_.dilations[0], attributes_.dilations[1]);
+        packed_ = PackWeights(value.GetTensorData<float>(), shape[0], shape[1], shape[2], shape[3], order);
+        packed_shape_ = shape;
       }
     }
   }
@@ -404,54 +908,36 @@ class DiffConvCpuKernel {
 
   void Run(OrtKernelContext* context, const DiffConvGeometry& g, const float* x, const float* w,
            const float* bias, float* y, int64_t* counts_out) const {
-    const bool differential = g.threshold > 0.0f || path_ != Path::kAuto;
+    const bool constant_weight = !packed_.empty() && packed_shape_[0] == g.M &&
+                                 packed_shape_[1] == g.C && packed_shape_[2] == g.kH &&
+                                 packed_shape_[3] == g.kW;
+    const EntryOrder order =
+        EntryOrder::Make(g.kH, g.kW, g.stride_h, g.stride_w, g.dilation_h, g.dilation_w);
+    std::vector<float> call_packed;
+    if (!constant_weight) call_packed = PackWeights(w, g.M, g.C, g.kH, g.kW, order);
+    const float* packed = constant_weight ? packed_.data() : call_packed.data();
 
-    // The transposed weight for the sparse product: precomputed for a constant weight, else
-    // made on first use in this call (most calls at threshold 0 never need it).
-    const bool constant_weight =
-        !constant_wt_.empty() && constant_wt_shape_[0] == g.M && constant_wt_shape_[1] == g.C &&
-        constant_wt_shape_[2] == g.kH && constant_wt_shape_[3] == g.kW;
-    std::vector<float> call_wt;
-    std::once_flag call_wt_once;
-    auto transposed_weight = [&]() -> const float* {
-      if (constant_weight) return constant_wt_.data();
-      std::call_once(call_wt_once, [&] { call_wt = TransposeWeight(w, g.M, g.K()); });
-      return call_wt.data();
-    };
-
-    // Units: images x row blocks x channel blocks, enough for every thread, each still a
-    // GEMM of reasonable width.
+    // Units: images x blocks of output rows, at least 3 per thread when the batch is small,
+    // and few enough rows that the unit's output buffer stays in L1.
     const int64_t threads = std::max(1u, std::thread::hardware_concurrency());
-    const int64_t target_units = 4 * threads;
-    int64_t rows_per_unit = g.OH;
-    while (g.N * ((g.OH + rows_per_unit - 1) / rows_per_unit) < target_units &&
-           ((rows_per_unit + 1) / 2) * g.OW >= 96 && rows_per_unit > 1) {
-      rows_per_unit = (rows_per_unit + 1) / 2;
-    }
-    const int64_t row_blocks = (g.OH + rows_per_unit - 1) / rows_per_unit;
-    int64_t channels_per_unit = RoundUp(g.M, kChannelAlign);
-    while (g.N * row_blocks * ((g.M + channels_per_unit - 1) / channels_per_unit) < threads &&
-           channels_per_unit >= 2 * 32) {
-      channels_per_unit = RoundUp(channels_per_unit / 2, kChannelAlign);
-    }
-    const int64_t channel_blocks = (g.M + channels_per_unit - 1) / channels_per_unit;
-    const int64_t total_units = g.N * row_blocks * channel_blocks;
+    const int64_t blocks_per_image = std::clamp<int64_t>(CeilDiv(3 * threads, g.N), 1, g.OH);
+    const int64_t row_bytes = g.OW * kTileWidth * static_cast<int64_t>(sizeof(float));
+    const int64_t rows_in_l1 = std::max<int64_t>(1, kBufferBytes / row_bytes);
+    const int64_t rows_per_unit = std::min(CeilDiv(g.OH, blocks_per_image), rows_in_l1);
+    const int64_t row_blocks = CeilDiv(g.OH, rows_per_unit);
+    const int64_t total_units = g.N * row_blocks;
 
     std::atomic<int64_t> performed{0};
     std::mutex error_mutex;
     std::string error;
     const bool counting = counts_out != nullptr;
-
     auto run_unit = [&](size_t i) {
       try {
-        const int64_t cb = static_cast<int64_t>(i) % channel_blocks;
-        const int64_t rb = (static_cast<int64_t>(i) / channel_blocks) % row_blocks;
-        const int64_t n = static_cast<int64_t>(i) / (channel_blocks * row_blocks);
-        Unit unit{n, rb * rows_per_unit, std::min(g.OH, (rb + 1) * rows_per_unit),
-                  cb * channels_per_unit, std::min(g.M, (cb + 1) * channels_per_unit)};
-        const int64_t counted =
-            RunUnit(g, unit, x, w, transposed_weight, bias, y, differential, counting);
-        if (counting && unit.m0 == 0) performed.fetch_add(counted, std::memory_order_relaxed);
+        const int64_t n = static_cast<int64_t>(i) / row_blocks;
+        const int64_t rb = static_cast<int64_t>(i) % row_blocks;
+        const int64_t oh0 = rb * rows_per_unit, oh1 = std::min(g.OH, oh0 + rows_per_unit);
+        const int64_t counted = RunUnit(g, order, n, oh0, oh1, x, packed, bias, y, counting);
+        if (counting) performed.fetch_add(counted, std::memory_order_relaxed);
       } catch (const std::exception& e) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (error.empty()) error = e.what();
@@ -465,138 +951,115 @@ class DiffConvCpuKernel {
     }
   }
 
-  // Computes one unit; returns the multiplications per output channel that the differential
-  // algorithm needs for it (only when counting).
-  template <class TransposedWeight>
-  int64_t RunUnit(const DiffConvGeometry& g, const Unit& u, const float* x, const float* w,
-                  TransposedWeight& transposed_weight, const float* bias, float* y,
-                  bool differential, bool counting) const {
-    thread_local Scratchpad scratch;
-    const int64_t rows = u.oh1 - u.oh0, cols = rows * g.OW, K = g.K();
-    const int64_t channels = u.m1 - u.m0;
-    const int64_t plane = g.OH * g.OW;
-    const int64_t restart_windows = rows * ((g.OW + g.restart - 1) / g.restart);
-    const float* image = x + u.n * g.C * g.H * g.W;
-    float* out = y + u.n * g.M * plane + u.m0 * plane + u.oh0 * g.OW;  // [channels, cols], ld plane
-    float* P = Scratch(scratch.patches, static_cast<size_t>(K * cols));
-    const bool count_here = counting && u.m0 == 0;
+  // Computes output rows [oh0, oh1) of image n; returns the multiplications per output
+  // channel that the differential algorithm needs for them (only when counting).
+  int64_t RunUnit(const DiffConvGeometry& g, const EntryOrder& order, int64_t n, int64_t oh0,
+                  int64_t oh1, const float* x, const float* packed, const float* bias, float* y,
+                  bool counting) const {
+    thread_local Scratchpad s;
+    const PhaseLayout layout = PhaseLayout::Make(g, oh0, oh1);
+    const EntryOffsets entry = MakeEntryOffsets(g, layout, order);
+    const int64_t rows = oh1 - oh0, K = g.K(), plane = g.OH * g.OW;
+    const int64_t positions = layout.Size(), image_size = g.C * positions;
+    if (image_size >= INT32_MAX) throw OpError("input too large for one unit", ORT_NOT_IMPLEMENTED);
+    const float* image = x + n * g.C * g.H * g.W;
 
-    auto gemm = [&] {
-      Sgemm(static_cast<int>(channels), static_cast<int>(cols), static_cast<int>(K), w + u.m0 * K,
-            static_cast<int>(K), P, static_cast<int>(cols), out, static_cast<int>(plane));
-    };
-    auto add_bias = [&] {
-      if (bias == nullptr) return;
-      for (int64_t m = 0; m < channels; ++m) {
-        const float b = bias[u.m0 + m];
-        float* o = out + m * plane;
-        for (int64_t j = 0; j < cols; ++j) o[j] += b;
+    float* phase_image = Scratch(s.phase_image, static_cast<size_t>(image_size));
+    BuildPhaseImage(g, layout, image, phase_image);
+    const int64_t phase_rows = g.C * layout.Lists();
+
+    Path path = path_;
+    if (path == Path::kAuto) {
+      const int64_t kept = CountDifferences(phase_image, phase_rows, layout.length, g.threshold);
+      const double density = static_cast<double>(kept) / static_cast<double>(image_size);
+      path = density < SparseDensityLimit(g.C) ? Path::kSparse
+             : g.threshold > 0.0f                 ? Path::kDense
+                                                  : Path::kConv;
+    }
+    if (path == Path::kConv && g.threshold > 0.0f) path = Path::kDense;
+
+    float* differences = nullptr;
+    if (path == Path::kDense) {
+      differences = Scratch(s.differences, static_cast<size_t>(image_size));
+      BuildDifferenceImage(phase_image, phase_rows, layout.length, g.threshold, differences);
+    }
+    PositionLists lists{};
+    if (path == Path::kSparse || counting) {
+      lists.channels = Scratch(s.channels, static_cast<size_t>(image_size + kLanes));
+      lists.values = Scratch(s.values, static_cast<size_t>(image_size + kLanes));
+      lists.starts = Scratch(s.starts, static_cast<size_t>(positions + 1));
+      if (HasAvx512()) {
+        float* transposed = Scratch(s.transposed, static_cast<size_t>(positions * RoundUp(g.C, kLanes)));
+        BuildPositionListsAvx512(layout, g.C, phase_image, g.threshold, lists, transposed);
+      } else {
+        BuildPositionListsPortable(layout, g.C, phase_image, g.threshold, lists);
       }
-    };
-    // The zero-padded input span and its thresholded difference image, whose nonzero fraction
-    // picks the path.
-    Source padded{}, differences{};
-    PaddedImage(g, image, u.oh0, u.oh1, scratch.padded, &padded);
-    int64_t difference_nonzero = 0;
-    auto difference_image = [&] {
-      difference_nonzero = DifferenceImage(g, padded, scratch.differences, &differences);
-      const int64_t size = differences.rows * differences.row_length * g.C;
-      return size > 0 ? static_cast<double>(difference_nonzero) / static_cast<double>(size) : 0.0;
-    };
-    // The difference matrix in P: im2col of the difference image, restart windows restored.
-    int64_t restart_nonzero = 0;
-    auto difference_matrix = [&] {
-      Im2Col(g, differences, u.oh0, u.oh1, P);
-      restart_nonzero = RestoreRestartWindows(g, image, u.oh0, u.oh1, P);
-    };
-    // Kept differences = nonzeros of P outside the restart windows.
-    auto algorithm_count = [&] {
-      return restart_windows * K + (CountNonzero(P, K * cols) - restart_nonzero);
-    };
-
-    // Threshold 0 (auto): exact either way; the sparse product only when the input is so
-    // flat along rows (e.g. zero background) that most differences are exactly 0.
-    const double density = difference_image();
-    if (!differential && density >= kSparseKeptFraction) {
-      Im2Col(g, padded, u.oh0, u.oh1, P);
-      gemm();
-      add_bias();
-      if (!count_here) return 0;
-      difference_matrix();
-      return algorithm_count();
     }
 
-    const bool sparse = !differential || path_ == Path::kSparse ||
-                        (path_ == Path::kAuto && density < kSparseKeptFraction);
+    // Output buffer: window-major, [rows][OW][kTileWidth].
+    const int64_t row_stride = g.OW * kTileWidth;
+    float* out = Scratch(s.out, static_cast<size_t>(rows * row_stride));
 
-    if (!sparse) {
-      difference_matrix();
-      const int64_t counted = count_here ? algorithm_count() : 0;
-      gemm();
-      // Prefix sum along each output row, restarting at restart windows.
-      for (int64_t m = 0; m < channels; ++m) {
-        for (int64_t r = 0; r < rows; ++r) {
-          float* o = out + m * plane + r * g.OW;
-          for (int64_t begin = 0; begin < g.OW; begin += g.restart) {
-            const int64_t end = std::min(g.OW, begin + g.restart);
-            for (int64_t ow = begin + 1; ow < end; ++ow) o[ow] += o[ow - 1];
-          }
-        }
-      }
-      add_bias();
-      return counted;
-    }
-
-    // Sparse: restart windows by a small GEMM on their patches, every other window from the
-    // kept differences only, then the prefix sum along rows.
-    const int64_t ldwt = RoundUp(g.M, kChannelAlign);
-    const int64_t channels16 = RoundUp(channels, kChannelAlign);
-    float* Yt = Scratch(scratch.transposed_out, static_cast<size_t>(cols * channels16));
-    std::memset(Yt, 0, sizeof(float) * cols * channels16);
-    const int64_t per_row = (g.OW + g.restart - 1) / g.restart;
-    float* Pr = Scratch(scratch.values, static_cast<size_t>(K * restart_windows + channels * restart_windows));
-    float* restart_out = Pr + K * restart_windows;
-    for (int64_t c = 0; c < g.C; ++c) {
-      for (int64_t kh = 0; kh < g.kH; ++kh) {
-        for (int64_t kw = 0; kw < g.kW; ++kw) {
-          float* row = Pr + ((c * g.kH + kh) * g.kW + kw) * restart_windows;
-          for (int64_t oh = u.oh0; oh < u.oh1; ++oh) {
-            const int64_t ih = oh * g.stride_h - g.pad_top + kh * g.dilation_h;
-            for (int64_t q = 0; q < per_row; ++q) {
-              const int64_t iw = q * g.restart * g.stride_w - g.pad_left + kw * g.dilation_w;
-              row[(oh - u.oh0) * per_row + q] =
-                  (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) ? image[(c * g.H + ih) * g.W + iw] : 0.0f;
-            }
-          }
+    // Window lists for the micro-kernel: every window of the unit (conv, dense), and the
+    // restart windows (dense, sparse), each as its first input float and its output.
+    const int64_t per_row_restarts = CeilDiv(g.OW, g.restart);
+    const int64_t all_windows = rows * g.OW;
+    const int64_t listed = (path == Path::kSparse ? 0 : all_windows) +
+                           (path == Path::kConv ? 0 : rows * per_row_restarts);
+    const float** windows = Scratch(s.windows, static_cast<size_t>(listed));
+    float** outs = Scratch(s.outs, static_cast<size_t>(listed));
+    int64_t count = 0;
+    const float* window_source = path == Path::kDense ? differences : phase_image;
+    if (path != Path::kSparse) {
+      for (int64_t row = 0; row < rows; ++row) {
+        for (int64_t ow = 0; ow < g.OW; ++ow, ++count) {
+          windows[count] = window_source + row * g.stride_h * layout.RowStride() + ow;
+          outs[count] = out + row * row_stride + ow * kTileWidth;
         }
       }
     }
-    Sgemm(static_cast<int>(channels), static_cast<int>(restart_windows), static_cast<int>(K),
-          w + u.m0 * K, static_cast<int>(K), Pr, static_cast<int>(restart_windows), restart_out,
-          static_cast<int>(restart_windows));
-    for (int64_t m = 0; m < channels; ++m) {
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t q = 0; q < per_row; ++q) {
-          Yt[(r * g.OW + q * g.restart) * channels16 + m] = restart_out[m * restart_windows + r * per_row + q];
+    const int64_t restart_begin = count;
+    if (path != Path::kConv) {
+      for (int64_t row = 0; row < rows; ++row) {
+        for (int64_t ow = 0; ow < g.OW; ow += g.restart, ++count) {
+          windows[count] = phase_image + row * g.stride_h * layout.RowStride() + ow;
+          outs[count] = out + row * row_stride + ow * kTileWidth;
         }
       }
     }
-    uint8_t* is_restart = Scratch(scratch.restart_flags, static_cast<size_t>(g.OW));
-    for (int64_t ow = 0; ow < g.OW; ++ow) is_restart[ow] = ow % g.restart == 0;
-    int32_t* positions = Scratch(scratch.positions, static_cast<size_t>(differences.row_length));
-    float* row_values = Scratch(scratch.row_values, static_cast<size_t>(differences.row_length));
-    const int64_t kept = ScatterDifferences(g, differences, u.oh0, u.oh1, transposed_weight() + u.m0, ldwt,
-                                            channels16, Yt, channels16, is_restart, positions,
-                                            row_values);
-    PrefixSumWindows(Yt, rows, g.OW, g.restart, channels16, channels16);
-    StoreChannelMajor(Yt, cols, channels, channels16, bias ? bias + u.m0 : nullptr, out, plane);
-    return count_here ? restart_windows * K + kept : 0;
+
+    const int64_t tiles = CeilDiv(g.M, kTileWidth);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t m0 = t * kTileWidth;
+      const int64_t channels = std::min(kTileWidth, g.M - m0);
+      const int nv = static_cast<int>(CeilDiv(channels, kLanes));
+      const float* wp = packed + t * K * kTileWidth;
+      ConvCall conv{windows, outs, restart_begin, wp, entry.offset.data(), g.kH * g.kW, g.C,
+                    layout.ChannelStride(), nv};
+      if (path == Path::kSparse) {
+        std::memset(out, 0, sizeof(float) * rows * row_stride);
+        RunGather(GatherCall{&g, &layout, &entry, &order, lists, wp, out, row_stride, rows, nv});
+      } else {
+        RunConv(conv);
+      }
+      if (path != Path::kConv) {
+        conv.window = windows + restart_begin;
+        conv.out = outs + restart_begin;
+        conv.count = count - restart_begin;
+        RunConv(conv);  // restart windows: overwrite
+        PrefixSumRows(out, rows, row_stride, g.OW, g.restart, nv);
+      }
+      StoreTransposed(StoreCall{out, row_stride, g.OW, all_windows, channels, plane,
+                                bias ? bias + m0 : nullptr, y + (n * g.M + m0) * plane + oh0 * g.OW});
+    }
+    if (!counting) return 0;
+    return rows * per_row_restarts * K + CountKept(g, layout, entry, lists.starts, rows);
   }
 
   DiffConvAttributes attributes_;
   Path path_;
-  std::vector<float> constant_wt_;
-  std::vector<int64_t> constant_wt_shape_;
+  std::vector<float> packed_;
+  std::vector<int64_t> packed_shape_;
 };
 
 struct DiffConvCpuOp : Ort::CustomOpBase<DiffConvCpuOp, DiffConvCpuKernel, true> {

@@ -1,0 +1,731 @@
+"""Structured pruning: remove whole channels (filters, neurons) from every coupled tensor.
+
+The dependency graph (``dependency.py``) says which channels must go together; a criterion
+(``importance.py``) scores them; this pass decides how many each group keeps so that the model
+keeps ``ratio`` of its MACs, then physically removes the rest: producers' output rows,
+consumers' input columns, biases, BatchNorm statistics, depthwise filters, reshape constants.
+
+Ranking: ``per-layer`` keeps the same fraction of every group; ``global`` ranks all channels
+together by score normalised by its group's mean and removes the least important first. Either
+way no group drops below ``min_channels_fraction`` of its channels (and at least one).
+
+With calibration data, each layer that reads pruned channels is then fitted to what the
+original layer produced (asymmetric least squares on the calibration activations, in graph
+order, so every layer sees the inputs the pruned network really gives it), with a ridge that
+pulls towards the plainly pruned weights; ``refit=False`` corrects the bias only (the mean of
+what was removed). The same machinery finishes the LSH merging pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from compressor.errors import OptionError
+from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
+from compressor.passes.calibrate import Calibration, conv_patches, feature_rows
+from compressor.passes.dependency import (
+    ChannelGroup,
+    ChannelTransform,
+    ComputeLayer,
+    DependencyGraph,
+    analyze,
+    shrink,
+)
+from compressor.passes.graph import ConvAttributes, NameScope, constant_array, conv_attributes
+from compressor.passes.importance import (
+    CRITERIA,
+    ConsumerView,
+    GroupView,
+    activation_means,
+    channel_features,
+    make_criterion,
+)
+from compressor.passes.lowrank import find_linear_layers, gather_moments
+from compressor.profile import profile_model, static_shapes
+
+RANKINGS = ("global", "per-layer")
+REFITTABLE = ("conv", "gemm", "matmul")
+
+
+@dataclass(frozen=True)
+class PruneConfig(PassConfig):
+    """ratio: fraction of the model's MACs to keep. criterion: one of ``CRITERIA``.
+    ranking: ``global`` or ``per-layer``. min_channels_fraction: no group keeps fewer than this
+    fraction of its channels (and never fewer than one). channel_multiple: kept counts are
+    multiples of this where the group allows (8 suits onnxruntime's blocked kernels).
+    refit: with calibration data, least-squares refit of the layers reading pruned channels,
+    layer by layer on the pruned network's own activations (else only their bias is
+    corrected). ridge: pull of the refit towards the plainly pruned weights, relative to the
+    mean input energy. lsh_bits/lsh_tables: SimHash of the ``lsh`` criterion."""
+
+    ratio: float = 0.5
+    criterion: str = "l1"
+    ranking: str = "global"
+    min_channels_fraction: float = 0.1
+    channel_multiple: int = 1
+    refit: bool = True
+    lsh_bits: int = 6
+    lsh_tables: int = 4
+    ridge: float = 0.003
+    max_rows_per_batch: int = 8192
+    seed: int = 0
+
+    def __post_init__(self):
+        check_common(self.ratio, self.min_channels_fraction, self.channel_multiple)
+        if self.criterion not in CRITERIA:
+            raise OptionError(f"unknown --criterion '{self.criterion}': choose from "
+                              f"{', '.join(CRITERIA)}")
+        if self.ranking not in RANKINGS:
+            raise OptionError(f"ranking must be one of {RANKINGS}, got '{self.ranking}'")
+        if self.lsh_bits < 1 or self.lsh_bits > 64 or self.lsh_tables < 1:
+            raise OptionError("--lsh-bits must be in [1, 64] and --lsh-tables >= 1")
+
+
+def check_common(ratio: float, min_fraction: float, multiple: int) -> None:
+    if not 0 < ratio <= 1:
+        raise OptionError(f"--ratio must be in (0, 1], got {ratio}")
+    if not 0 <= min_fraction <= 1:
+        raise OptionError(f"--min-channels-fraction must be in [0, 1], got {min_fraction}")
+    if multiple < 1:
+        raise OptionError(f"channel multiple must be >= 1, got {multiple}")
+
+
+# ---------------------------------------------------------------------------- budget
+
+
+def min_channels(group: ChannelGroup, fraction: float, multiple: int = 1) -> int:
+    """The fewest channels ``group`` may keep."""
+    least = max(1, math.ceil(fraction * group.size - 1e-9))
+    if multiple > 1 and group.size >= multiple:
+        least = min(group.size, math.ceil(least / multiple) * multiple)
+    return least
+
+
+class MacsCounter:
+    """MACs of the compute layers as group sizes change, updated incrementally."""
+
+    def __init__(self, graph: DependencyGraph):
+        self.graph = graph
+        self.sizes: dict[int, int] = {}
+        self.by_group: dict[int, list[int]] = {}
+        for i, layer in enumerate(graph.layers):
+            for layout in (layer.in_layout, layer.out_layout):
+                for seg in layout or ():
+                    self.by_group.setdefault(seg.group, []).append(i)
+        self.per_layer = [graph.layer_macs(layer, {}) for layer in graph.layers]
+        self.total = sum(self.per_layer)
+
+    def set(self, group: int, size: int) -> int:
+        self.sizes[group] = size
+        for i in dict.fromkeys(self.by_group.get(group, [])):
+            new = self.graph.layer_macs(self.graph.layers[i], self.sizes)
+            self.total += new - self.per_layer[i]
+            self.per_layer[i] = new
+        return self.total
+
+
+def per_layer_sizes(graph: DependencyGraph, groups: Sequence[ChannelGroup], budget: float,
+                    mins: Mapping[int, int], multiple: int = 1) -> dict[int, int]:
+    """The same kept fraction for every group: the largest that fits ``budget`` MACs."""
+
+    def sizes_at(fraction: float) -> dict[int, int]:
+        out = {}
+        for g in groups:
+            k = math.ceil(fraction * g.size - 1e-9)
+            if multiple > 1:
+                k = math.ceil(k / multiple) * multiple
+            out[g.id] = int(min(g.size, max(mins[g.id], k)))
+        return out
+
+    if graph.macs(sizes_at(1.0)) <= budget:
+        return sizes_at(1.0)
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if graph.macs(sizes_at(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return sizes_at(lo)
+
+
+def _chunks(size: int, removable: int, multiple: int) -> list[int]:
+    """How many channels each removal step takes: ``multiple`` at a time, the first step
+    bringing the count to a multiple."""
+    counts, position = [], 0
+    first = size % multiple if multiple > 1 else 0
+    while position < removable:
+        count = first if (position == 0 and first) else multiple
+        count = min(count, removable - position)
+        counts.append(count)
+        position += count
+    return counts
+
+
+def global_sizes(graph: DependencyGraph, groups: Sequence[ChannelGroup],
+                 scores: Mapping[int, np.ndarray], budget: float, mins: Mapping[int, int],
+                 multiple: int = 1, comparable: bool = False) -> dict[int, int]:
+    """Remove the globally least important channels, ``multiple`` at a time per group, until
+    the MACs fit ``budget``.
+
+    Scores are normalised by their group's mean, unless the criterion's are ``comparable``
+    across groups (cumulative relative errors): then each step removes the chunk that adds the
+    least error per MAC it saves, so cheap-to-lose, costly-to-keep channels go first.
+    """
+    counter = MacsCounter(graph)
+    sizes = {g.id: g.size for g in groups}
+    if not comparable:
+        chunks: list[tuple[float, int, int]] = []  # (score, group, count)
+        for g in groups:
+            s = np.asarray(scores[g.id], dtype=np.float64)
+            mean = s.mean()
+            normalized = np.sort(s / mean if mean > 0 else s)
+            position = 0
+            for count in _chunks(g.size, g.size - mins[g.id], multiple):
+                chunks.append((float(normalized[position:position + count].mean()), g.id, count))
+                position += count
+        chunks.sort(key=lambda c: c[0])
+        for _, gid, count in chunks:
+            if counter.total <= budget:
+                break
+            sizes[gid] -= count
+            counter.set(gid, sizes[gid])
+        return sizes
+    steps = {g.id: _chunks(g.size, g.size - mins[g.id], multiple) for g in groups}
+    cumulative = {g.id: np.sort(np.asarray(scores[g.id], dtype=np.float64)) for g in groups}
+    removed = dict.fromkeys(sizes, 0)
+    taken = dict.fromkeys(sizes, 0)
+
+    def value(gid: int) -> float:
+        count = steps[gid][taken[gid]]
+        before = cumulative[gid][removed[gid] - 1] if removed[gid] else 0.0
+        added = cumulative[gid][removed[gid] + count - 1] - before
+        now = counter.total
+        saved = now - counter.set(gid, sizes[gid] - count)
+        counter.set(gid, sizes[gid])
+        return added / max(saved, 1)
+
+    while counter.total > budget:
+        candidates = [(value(gid), gid) for gid in sizes if taken[gid] < len(steps[gid])]
+        if not candidates:
+            break
+        _, gid = min(candidates)
+        count = steps[gid][taken[gid]]
+        taken[gid] += 1
+        removed[gid] += count
+        sizes[gid] -= count
+        counter.set(gid, sizes[gid])
+    return sizes
+
+
+def top_channels(scores: np.ndarray, keep: int) -> np.ndarray:
+    """Indices of the ``keep`` highest scores (ties: the earlier channel)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return np.sort(order[:keep])
+
+
+# ---------------------------------------------------------------------------- refit
+
+
+@dataclass
+class _Linear:
+    kind: str  # conv | gemm | matmul
+    weight: np.ndarray  # (outputs, fan_in) float64, alpha applied
+    bias: np.ndarray | None  # (outputs,), beta applied
+    conv: ConvAttributes | None = None
+
+
+def _read_linear(node: ir.Node) -> _Linear | None:
+    weight = constant_array(node.inputs[1])
+    if weight is None:
+        return None
+    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = constant_array(bias_value) if bias_value is not None else None
+    if node.op_type == "Conv":
+        attrs = conv_attributes(node, weight.shape)
+        if isinstance(attrs, str) or attrs.group != 1:
+            return None
+        return _Linear("conv", weight.reshape(len(weight), -1).astype(np.float64),
+                       None if bias is None else bias.astype(np.float64), attrs)
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return None
+        alpha = node.attributes.get_float("alpha", 1.0)
+        beta = node.attributes.get_float("beta", 1.0)
+        w2 = weight if node.attributes.get_int("transB", 0) else weight.T
+        w2 = alpha * w2.astype(np.float64)
+        if bias is not None:
+            bias = beta * np.broadcast_to(bias.astype(np.float64).reshape(-1), (len(w2),))
+        return _Linear("gemm", w2, bias)
+    if node.op_type == "MatMul" and weight.ndim == 2:
+        return _Linear("matmul", weight.T.astype(np.float64), None)
+    return None
+
+
+def _set_param(node: ir.Node, index: int, array: np.ndarray, names: NameScope) -> None:
+    """Give input ``index`` of ``node`` the constant ``array`` (in place when only this node
+    uses it, else as a new initializer)."""
+    array = np.ascontiguousarray(array.astype(np.float32))
+    value = node.inputs[index] if len(node.inputs) > index else None
+    if value is not None and value.const_value is not None and len(value.uses()) == 1 \
+            and not value.is_graph_output() and not value.is_graph_input():
+        value.const_value = ir.tensor(array, name=value.name)
+        value.shape = ir.Shape(array.shape)
+        return
+    base = value.name if value is not None else f"{node.name or node.op_type}_bias"
+    name = names(f"{base}_refit")
+    new = ir.Value(name=name, shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+    new.dtype = new.const_value.dtype
+    node.graph.register_initializer(new)
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, new)
+
+
+def _write_linear(node: ir.Node, linear: _Linear, weight: np.ndarray, bias: np.ndarray | None,
+                  names: NameScope) -> None:
+    old = constant_array(node.inputs[1])
+    if linear.kind == "conv":
+        _set_param(node, 1, weight.reshape(len(weight), *old.shape[1:]), names)
+        if bias is not None:
+            _set_param(node, 2, bias, names)
+    elif linear.kind == "gemm":
+        alpha = node.attributes.get_float("alpha", 1.0)
+        w = weight / alpha
+        _set_param(node, 1, w if node.attributes.get_int("transB", 0) else w.T, names)
+        if bias is not None:
+            beta = node.attributes.get_float("beta", 1.0)
+            if beta == 0.0 or len(node.inputs) < 3 or node.inputs[2] is None:
+                node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+                beta = 1.0
+            _set_param(node, 2, bias / beta, names)
+    else:
+        _set_param(node, 1, weight.T, names)
+
+
+def _rows(linear: _Linear, x: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if linear.kind == "conv":
+        return conv_patches(x, linear.conv, max_rows, rng)
+    rows = feature_rows(x)
+    if rows.shape[0] > max_rows:
+        rows = rows[rng.choice(rows.shape[0], max_rows, replace=False)]
+    return rows
+
+
+class _Normal:
+    """Running moments for fitting ``y ~ W x_hat + b``: E[x̂a x̂a^T], E[y x̂a^T], E||y||^2 with
+    x̂a = [x̂; 1] (the intercept column)."""
+
+    def __init__(self, fan_in: int, outputs: int):
+        self.count = 0
+        self.hh = np.zeros((fan_in + 1, fan_in + 1))
+        self.yh = np.zeros((outputs, fan_in + 1))
+        self.yy = 0.0
+
+    def add(self, y: np.ndarray, x_hat: np.ndarray) -> None:
+        xa = torch.from_numpy(np.ascontiguousarray(
+            np.concatenate([x_hat, np.ones((len(x_hat), 1), np.float32)], axis=1),
+            dtype=np.float32))
+        yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+        self.count += len(x_hat)
+        self.hh += (xa.T @ xa).double().numpy()
+        self.yh += (yt.T @ xa).double().numpy()
+        self.yy += float((yt * yt).sum(dtype=torch.float64))
+
+
+def _solve(linear: _Linear, moments: _Normal, full: bool, ridge: float) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """Refitted (weight, bias) and the relative output error on the calibration rows."""
+    n = max(moments.count, 1)
+    hh, yh = moments.hh / n, moments.yh / n
+    d = hh.shape[0] - 1
+    w0 = linear.weight
+    intercept = linear.kind != "matmul"
+    if full:
+        # the pull towards the plainly transformed weights grows as rows per input get scarce
+        # (a Gemm sees one row per calibration sample, a conv one per output position)
+        scale = max(np.trace(hh[:d, :d]) / max(d, 1), 1e-12)
+        lam = scale * (ridge + 0.1 * d / n)
+        if intercept:
+            lhs = hh + lam * np.diag(np.r_[np.ones(d), 0.0])
+            rhs = yh.T + lam * np.r_[w0.T, np.zeros((1, len(w0)))]
+            sol = np.linalg.solve(lhs, rhs).T
+            weight, bias = sol[:, :d], sol[:, d]
+        else:
+            sol = np.linalg.solve(hh[:d, :d] + lam * np.eye(d), yh[:, :d].T + lam * w0.T).T
+            weight, bias = sol, None
+    else:
+        weight = w0
+        # keep E[y] exact: b = E[y] - W E[x_hat]
+        bias = (yh[:, d] - w0 @ hh[:d, d]) if intercept else None
+    wa = np.concatenate([weight, (bias if bias is not None else np.zeros(len(weight)))[:, None]],
+                        axis=1)
+    energy = moments.yy / n
+    sq = energy - 2 * float(np.sum(wa * yh)) + float(np.sum((wa @ hh) * wa))
+    error = math.sqrt(max(sq, 0.0) / energy) if energy > 0 else 0.0
+    return weight, bias, error
+
+
+@dataclass
+class _Target:
+    """A layer to refit and what it should produce: ``weight @ x + bias`` on the original
+    network's inputs (``produce`` maps its original outputs to its kept ones), plus, when it
+    feeds a residual Add, the other branch's original value less its current one."""
+
+    layer: ComputeLayer
+    linear: _Linear  # as it is now
+    ref: _Linear  # as it was
+    weight: np.ndarray
+    bias: np.ndarray
+    produce: np.ndarray
+    partner: str | None
+
+    @property
+    def x_name(self) -> str:
+        return self.layer.node.inputs[0].name
+
+
+def _residual_partner(layer: ComputeLayer) -> str | None:
+    """The other input of the Add this layer's output goes into, if that is its only use."""
+    out = layer.node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    user, index = uses[0]
+    if user.op_type != "Add" or len(user.inputs) != 2 or user.domain not in ("", "ai.onnx"):
+        return None
+    other = user.inputs[1 - index]
+    if other is None or other.const_value is not None or other.shape != out.shape:
+        return None
+    return other.name
+
+
+def _row_index(total: int, max_rows: int, seed: int) -> np.ndarray:
+    """The rows ``_rows`` samples (the same draws as ``conv_patches`` and the Gemm path)."""
+    if total > max_rows:
+        return np.random.default_rng(seed).choice(total, size=max_rows, replace=False)
+    return np.arange(total)
+
+
+def _partner_rows(t: np.ndarray, kind: str, max_rows: int, seed: int) -> np.ndarray:
+    """Rows of a tensor shaped like a layer's output at the positions ``_rows`` sampled."""
+    rows = np.moveaxis(t, 1, -1).reshape(-1, t.shape[1]) if kind == "conv" else feature_rows(t)
+    return rows[_row_index(len(rows), max_rows, seed)].astype(np.float64)
+
+
+def _prefix_model(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``names``, with them as its outputs: onnxruntime
+    runs every node of a graph whatever is fetched, so a refit of an early layer would
+    otherwise pay for the whole network."""
+    proto = ir.serde.serialize_model(model)
+    graph = proto.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in graph.node for a in node.attribute):
+        return proto  # subgraphs may read anything: keep the whole model
+    needed = set(names)
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    inputs = [v for v in graph.input if v.name in needed or v is graph.input[0]]
+    outputs = [onnx.helper.make_empty_tensor_value_info(n) for n in names]
+    sub = onnx.helper.make_graph(list(reversed(kept)), graph.name, inputs, outputs, initializers)
+    out = onnx.helper.make_model(sub, opset_imports=proto.opset_import)
+    out.ir_version = proto.ir_version
+    return out
+
+
+def fit_to_original(model: ir.Model, original: onnx.ModelProto, graph: DependencyGraph,
+                    transforms: Mapping[int, ChannelTransform], calibration: Calibration, *,
+                    full: bool = True, ridge: float = 0.003, max_rows: int = 8192,
+                    seed: int = 0) -> dict[str, float]:
+    """Fit the layers affected by ``transforms`` to the original network's outputs of those
+    layers (mapped through the layer's own output transform) on the calibration data.
+
+    ``full``: least squares on weights and bias, with a ridge towards the transformed
+    weights; else the bias only. Layer by layer in graph order, each on the inputs the
+    compressed network gives it by then (fitting all at once on the unfitted network's inputs
+    fails badly: every layer then expects inputs its refitted predecessors no longer give).
+    Every layer after the first change is fitted, whether or not its own channels changed.
+    Returns each refitted layer's relative output error on the calibration rows.
+    """
+    touched = set(transforms)
+    reference = ir.serde.deserialize_model(original)
+    ref_nodes = {node.name: node for node in reference.graph if node.name}
+    graph_inputs = {v.name for v in model.graph.inputs}
+    names = NameScope(model.graph)
+    targets: list[_Target] = []
+    upstream = False
+    for layer in graph.layers:
+        changed_in = any(s.group in touched for s in layer.in_layout or ())
+        changed_out = any(s.group in touched for s in layer.out_layout or ())
+        x_name = layer.node.inputs[0].name
+        if (layer.kind in REFITTABLE and x_name not in graph_inputs
+                and (changed_in or upstream)):
+            linear = _read_linear(layer.node)
+            ref_node = ref_nodes.get(layer.node.name)
+            ref = _read_linear(ref_node) if ref_node is not None else None
+            if linear is not None and ref is not None:
+                produce = np.eye(len(ref.weight))
+                if changed_out:
+                    (seg,) = layer.out_layout
+                    produce = transforms[seg.group].produce
+                ref_bias = ref.bias if ref.bias is not None else np.zeros(len(ref.weight))
+                targets.append(_Target(layer, linear, ref, produce @ ref.weight,
+                                       produce @ ref_bias, produce, _residual_partner(layer)))
+        upstream = upstream or changed_in or changed_out
+    errors: dict[str, float] = {}
+    if not targets:
+        return errors
+
+    # What each target layer should output at sampled rows of every batch, from one pass over
+    # the original network (rows are drawn with the batch's seed, so the compressed network is
+    # sampled at the same positions). A layer feeding a residual Add is asked for what makes
+    # the *sum* right: its original output plus the original other branch, less what the other
+    # branch now gives, so it also absorbs the error arriving through the shortcut.
+    wanted: dict[str, list[np.ndarray]] = {t.layer.name: [] for t in targets}
+    ref_inputs = list(dict.fromkeys(
+        name for t in targets for name in (t.x_name, t.partner) if name is not None))
+    batch_index = [0]
+
+    def keep_targets(batch: dict[str, np.ndarray]) -> None:
+        batch_seed = seed + batch_index[0]
+        batch_index[0] += 1
+        for t in targets:
+            x = _rows(t.ref, batch[t.x_name], max_rows, batch_seed)
+            y = x.astype(np.float64) @ t.weight.T + t.bias
+            if t.partner is not None:
+                y += _partner_rows(batch[t.partner], t.ref.kind, max_rows, batch_seed) @ t.produce.T
+            wanted[t.layer.name].append(y.astype(np.float32))
+
+    calibration.stream(_prefix_model(reference, ref_inputs), ref_inputs, keep_targets,
+                       label="refit targets")
+
+    def fit(t: _Target) -> None:
+        inputs = [t.x_name] + ([t.partner] if t.partner is not None else [])
+        moments = _Normal(t.linear.weight.shape[1], len(t.weight))
+        index = [0]
+
+        def consume(now: dict[str, np.ndarray]) -> None:
+            b = index[0]
+            index[0] += 1
+            x_hat = _rows(t.linear, now[t.x_name], max_rows, seed + b)
+            y = wanted[t.layer.name][b]
+            if t.partner is not None:
+                y = y - _partner_rows(now[t.partner], t.linear.kind, max_rows, seed + b)
+            moments.add(y, x_hat)
+
+        calibration.stream(_prefix_model(model, inputs), inputs, consume,
+                           label="refit" if full else "bias correction")
+        weight, bias, error = _solve(t.linear, moments, full, ridge)
+        _write_linear(t.layer.node, t.linear, weight, bias, names)
+        errors[t.layer.name] = error
+        del wanted[t.layer.name]
+
+    for target in targets:
+        fit(target)
+    return errors
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def _params(node: ir.Node) -> int:
+    return sum(v.const_value.size for v in node.inputs[1:3]
+               if v is not None and v.const_value is not None)
+
+
+def finish(model: ir.Model, original: onnx.ModelProto, graph: DependencyGraph,
+           transforms: dict[int, ChannelTransform], describe: Callable[[ChannelGroup,
+           ChannelTransform], str], calibration: Calibration | None, *, refit: bool,
+           ridge: float, max_rows: int, seed: int, total_macs: int) -> tuple[list[LayerRecord], dict]:
+    """Shrink the model, fit what follows, and report per layer."""
+    before = {layer.name: (tuple(layer.weight_shape), _params(layer.node))
+              for layer in graph.layers}
+    shrink(model, graph, transforms)
+    errors: dict[str, float] = {}
+    if calibration is not None and transforms:
+        errors = fit_to_original(model, original, graph, transforms, calibration, full=refit,
+                                 ridge=ridge, max_rows=max_rows, seed=seed)
+    sizes = {gid: t.kept for gid, t in transforms.items()}
+    records = []
+    for layer in graph.layers:
+        out_seg = {s.group for s in layer.out_layout or ()}
+        in_seg = {s.group for s in layer.in_layout or ()}
+        changed_out = [g for g in out_seg if g in transforms]
+        changed_in = [g for g in in_seg if g in transforms]
+        shape_before, params_before = before[layer.name]
+        weight = layer.node.inputs[1].const_value
+        record = LayerRecord(
+            name=layer.name, op=layer.node.op_type, shape_before=shape_before,
+            shape_after=tuple(weight.shape), macs_before=layer.macs,
+            macs_after=graph.layer_macs(layer, sizes), params_before=params_before,
+            params_after=_params(layer.node),
+        )
+        parts = []
+        if changed_out:
+            parts += [describe(graph.groups[g], transforms[g]) for g in changed_out]
+        if changed_in and layer.kind not in ("depthwise",):
+            parts.append(f"inputs {graph.length(layer.in_layout)} -> "
+                         f"{graph.length(layer.in_layout, sizes)}")
+        if layer.name in errors:
+            record.error = errors[layer.name]
+            record.error_basis = "calibration"
+            if not parts:
+                parts.append("refit to upstream changes" if refit else "bias corrected")
+            elif refit:
+                parts.append("refit")
+        if parts:
+            record.detail = "; ".join(parts)
+        else:
+            reasons = [graph.groups[g].reason for g in out_seg if graph.groups[g].reason]
+            record.skipped = (f"output channels fixed: {reasons[0]}" if reasons
+                              else "all channels kept")
+        records.append(record)
+    proto = ir.serde.serialize_model(model)
+    macs_after = profile_model(proto).macs
+    stats = {
+        "macs_before": total_macs,
+        "macs_after": macs_after,
+        "ratio_reached": macs_after / total_macs if total_macs else 1.0,
+        "data_aware": calibration is not None,
+        "groups": [
+            {"origin": g.origin, "channels": g.size,
+             "kept": transforms[g.id].kept if g.id in transforms else g.size,
+             "skipped": g.reason}
+            for g in graph.groups.values()
+        ],
+    }
+    return records, stats
+
+
+def consumer_views(model: ir.Model, prep: Prepared, calibration: Calibration,
+                   max_rows: int, seed: int) -> dict[int, list[ConsumerView]]:
+    """For every prunable group, the dense layers reading it with their input covariance on
+    the calibration data (one pass over the network for all of them)."""
+    shapes, _ = static_shapes(prep.original, batch=1)
+    linear, _ = find_linear_layers(model, shapes)
+    by_name = {layer.name: layer for layer in linear}
+    layers = {layer.name: layer for layer in prep.graph.layers}
+    wanted = {s.node.name for g in prep.groups for s in g.consumers if s.kind == "weight"}
+    chosen = [by_name[n] for n in wanted if n in by_name]
+    moments = gather_moments(calibration, model, chosen, max_rows, seed)
+    sizes = {gid: g.size for gid, g in prep.graph.groups.items()}
+    views: dict[int, list[ConsumerView]] = {}
+    for name in wanted:
+        if name not in by_name or name not in layers:
+            continue
+        lin, layout = by_name[name], layers[name].in_layout
+        per_entry = lin.fan_in // prep.graph.length(layout)
+        offset = 0
+        for seg in layout:
+            n = sizes[seg.group]
+            entries = offset + np.arange(n * seg.block).reshape(n, seg.block)
+            columns = (entries[:, :, None] * per_entry + np.arange(per_entry)).reshape(n, -1)
+            offset += n * seg.block
+            if seg.group in {g.id for g in prep.groups}:
+                views.setdefault(seg.group, []).append(
+                    ConsumerView(lin.weight, columns, moments[lin.name].covariance))
+    return views
+
+
+@dataclass
+class Prepared:
+    """What both structural passes start from."""
+
+    original: onnx.ModelProto
+    graph: DependencyGraph
+    total_macs: int
+    fixed_macs: int  # MACs outside the compute layers (custom ops)
+    groups: list[ChannelGroup]
+
+    def budget(self, ratio: float) -> float:
+        """MACs the compute layers may keep."""
+        return ratio * self.total_macs - self.fixed_macs
+
+
+def prepare(model: ir.Model) -> Prepared:
+    original = ir.serde.serialize_model(model)
+    shapes2, _ = static_shapes(original, batch=2)
+    shapes1, _ = static_shapes(original, batch=1)
+    graph = analyze(model, shapes2, shapes1)
+    total = profile_model(original).macs
+    fixed = total - graph.macs({})
+    groups = [g for g in graph.prunable]
+    return Prepared(original, graph, total, fixed, groups)
+
+
+class PruneChannelsPass(Pass):
+    """Remove the least important channels of every prunable group to meet a MACs budget."""
+
+    name = "prune"
+    config_class = PruneConfig
+    config: PruneConfig
+
+    def __init__(self, config: PruneConfig | None = None,
+                 calibration: Calibration | None = None):
+        super().__init__(config)
+        self.calibration = calibration
+
+    def call(self, model: ir.Model) -> PassResult:
+        cfg = self.config
+        prep = prepare(model)
+        graph, groups = prep.graph, prep.groups
+        notes: list[str] = []
+        if cfg.criterion == "activation" and self.calibration is None:
+            raise OptionError("criterion 'activation' needs calibration data: pass --data")
+        activations = {}
+        if self.calibration is not None and cfg.criterion == "activation":
+            activations = activation_means(self.calibration, model, graph, groups)
+        if cfg.criterion == "reconstruction" and self.calibration is None:
+            raise OptionError("criterion 'reconstruction' needs calibration data: pass --data")
+        consumers = {}
+        if cfg.criterion == "reconstruction":
+            consumers = consumer_views(model, prep, self.calibration, cfg.max_rows_per_batch,
+                                       cfg.seed)
+        criterion = make_criterion(cfg.criterion, bits=cfg.lsh_bits, tables=cfg.lsh_tables,
+                                   seed=cfg.seed)
+        scores = {
+            g.id: criterion(GroupView(g, channel_features(graph, g), activations.get(g.id),
+                                      consumers.get(g.id, [])))
+            for g in groups
+        }
+        mins = {g.id: min_channels(g, cfg.min_channels_fraction, cfg.channel_multiple)
+                for g in groups}
+        budget = prep.budget(cfg.ratio)
+        if cfg.ratio >= 1.0:
+            sizes = {g.id: g.size for g in groups}
+        elif cfg.ranking == "per-layer":
+            sizes = per_layer_sizes(graph, groups, budget, mins, cfg.channel_multiple)
+        else:
+            sizes = global_sizes(graph, groups, scores, budget, mins, cfg.channel_multiple,
+                                 comparable=getattr(criterion, "comparable", False))
+        if graph.macs(sizes) > budget + 0.5:
+            notes.append(f"ratio {cfg.ratio} is not reachable by pruning: every group at its "
+                         f"minimum keeps {(graph.macs(sizes) + prep.fixed_macs) / prep.total_macs:.3f}"
+                         " of the MACs")
+        transforms = {
+            g.id: ChannelTransform.keep(g.size, top_channels(scores[g.id], sizes[g.id]))
+            for g in groups if sizes[g.id] < g.size
+        }
+        if self.calibration is None:
+            notes.append("no calibration data: pruned layers are not refitted")
+
+        def describe(group: ChannelGroup, t: ChannelTransform) -> str:
+            return f"pruned {group.size} -> {t.kept} ({cfg.criterion})"
+
+        records, stats = finish(
+            model, prep.original, graph, transforms, describe, self.calibration,
+            refit=cfg.refit, ridge=cfg.ridge,
+            max_rows=cfg.max_rows_per_batch, seed=cfg.seed, total_macs=prep.total_macs)
+        return PassResult(model=model, modified=bool(transforms), layers=records, notes=notes,
+                          stats=stats)

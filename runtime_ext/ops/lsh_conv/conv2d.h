@@ -1,0 +1,177 @@
+// What the two LSH convolutions (LSHConv, LSHWindowConv) share: ONNX Conv attributes for 2-D
+// inputs with their validation, the call's sizes, and the CPU im2col both kernels run.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/ort_op.h"
+
+namespace compressor {
+
+// strides, pads, dilations, kernel_shape, group (1 only), auto_pad (NOTSET only).
+struct Conv2dAttributes {
+  std::vector<int64_t> strides{1, 1};
+  std::vector<int64_t> pads{0, 0, 0, 0};  // top, left, bottom, right
+  std::vector<int64_t> dilations{1, 1};
+  std::vector<int64_t> kernel_shape;      // empty: taken from W
+
+  // Reads and validates the node's attributes; throws OpError naming the bad one.
+  static Conv2dAttributes Read(const OrtKernelInfo* info) {
+    Conv2dAttributes a;
+    a.strides = AttributeInts(info, "strides", a.strides);
+    a.pads = AttributeInts(info, "pads", a.pads);
+    a.dilations = AttributeInts(info, "dilations", a.dilations);
+    a.kernel_shape = AttributeInts(info, "kernel_shape", {});
+    const int64_t group = AttributeInt(info, "group", 1);
+    const std::string auto_pad = AttributeString(info, "auto_pad", "NOTSET");
+    if (group != 1) {
+      throw OpError("group=" + std::to_string(group) + " is not supported (only group=1)",
+                    ORT_NOT_IMPLEMENTED);
+    }
+    if (auto_pad != "NOTSET") {
+      throw OpError("auto_pad=" + auto_pad + " is not supported: give explicit pads",
+                    ORT_NOT_IMPLEMENTED);
+    }
+    if (a.strides.size() != 2 || a.strides[0] < 1 || a.strides[1] < 1) {
+      throw OpError("strides must be 2 positive ints, got " + ShapeString(a.strides));
+    }
+    if (a.dilations.size() != 2 || a.dilations[0] < 1 || a.dilations[1] < 1) {
+      throw OpError("dilations must be 2 positive ints, got " + ShapeString(a.dilations));
+    }
+    if (a.pads.size() != 4 || a.pads[0] < 0 || a.pads[1] < 0 || a.pads[2] < 0 || a.pads[3] < 0) {
+      throw OpError("pads must be 4 non-negative ints [top, left, bottom, right], got " +
+                    ShapeString(a.pads));
+    }
+    if (!a.kernel_shape.empty() &&
+        (a.kernel_shape.size() != 2 || a.kernel_shape[0] < 1 || a.kernel_shape[1] < 1)) {
+      throw OpError("kernel_shape must be 2 positive ints, got " + ShapeString(a.kernel_shape));
+    }
+    return a;
+  }
+};
+
+// Sizes of one call, validated against the attributes. D = C * kH * kW is the length of a
+// window (an im2col column) and of a flattened filter.
+struct Conv2dShape {
+  int64_t N, C, H, W, M, kH, kW, OH, OW;
+  int64_t stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w;
+
+  int64_t D() const { return C * kH * kW; }
+  int64_t Windows() const { return OH * OW; }
+
+  static Conv2dShape Make(const Conv2dAttributes& a, const std::vector<int64_t>& x,
+                          const std::vector<int64_t>& w, const std::vector<int64_t>* bias) {
+    if (x.size() != 4) {
+      throw OpError("input X must be 4-D [N, C, H, W], got shape " + ShapeString(x));
+    }
+    if (w.size() != 4) {
+      throw OpError("weight W must be 4-D [M, C, kH, kW], got shape " + ShapeString(w));
+    }
+    for (int64_t d : x) {
+      if (d < 0) throw OpError("input X has a negative dimension: " + ShapeString(x));
+    }
+    if (x[1] != w[1]) {
+      throw OpError("channel mismatch: X " + ShapeString(x) + " has " + std::to_string(x[1]) +
+                    " channels but W " + ShapeString(w) + " expects " + std::to_string(w[1]) +
+                    " (group=1)");
+    }
+    if (!a.kernel_shape.empty() && (a.kernel_shape[0] != w[2] || a.kernel_shape[1] != w[3])) {
+      throw OpError("kernel_shape " + ShapeString(a.kernel_shape) + " does not match W " +
+                    ShapeString(w));
+    }
+    if (w[0] < 1 || w[1] < 1 || w[2] < 1 || w[3] < 1) {
+      throw OpError("weight W has an empty dimension: " + ShapeString(w));
+    }
+    if (bias != nullptr && (bias->size() != 1 || (*bias)[0] != w[0])) {
+      throw OpError("bias B must be 1-D [" + std::to_string(w[0]) + "], got shape " +
+                    ShapeString(*bias));
+    }
+    Conv2dShape g{};
+    g.N = x[0];
+    g.C = x[1];
+    g.H = x[2];
+    g.W = x[3];
+    g.M = w[0];
+    g.kH = w[2];
+    g.kW = w[3];
+    g.stride_h = a.strides[0];
+    g.stride_w = a.strides[1];
+    g.pad_top = a.pads[0];
+    g.pad_left = a.pads[1];
+    g.dilation_h = a.dilations[0];
+    g.dilation_w = a.dilations[1];
+    const int64_t span_h = g.dilation_h * (g.kH - 1) + 1, span_w = g.dilation_w * (g.kW - 1) + 1;
+    const int64_t padded_h = g.H + a.pads[0] + a.pads[2], padded_w = g.W + a.pads[1] + a.pads[3];
+    if (padded_h < span_h || padded_w < span_w) {
+      throw OpError("kernel " + ShapeString({g.kH, g.kW}) + " with dilations " +
+                    ShapeString(a.dilations) + " does not fit the padded input " +
+                    ShapeString({padded_h, padded_w}));
+    }
+    g.OH = (padded_h - span_h) / g.stride_h + 1;
+    g.OW = (padded_w - span_w) / g.stride_w + 1;
+    // BLAS and the CUDA kernels take 32-bit sizes.
+    if (g.D() + 1 > INT32_MAX / 64 || g.OH * g.OW > INT32_MAX / 64 || g.M > INT32_MAX / 64 ||
+        g.D() * g.OH * g.OW > INT32_MAX || g.M * g.D() > INT32_MAX ||
+        g.M * g.OH * g.OW > INT32_MAX || g.C * g.H * g.W > INT32_MAX) {
+      throw OpError("shape too large: X " + ShapeString(x) + ", W " + ShapeString(w),
+                    ORT_NOT_IMPLEMENTED);
+    }
+    return g;
+  }
+};
+
+// im2col of output rows [oh0, oh1) of one image over the listed input channels:
+// P[((i * kH + kh) * kW + kw) * ld + (oh - oh0) * OW + ow] = x[channels[i], ih, iw] (0 in the
+// padding). channels == nullptr means every channel (count == C).
+void Im2Col(const Conv2dShape& g, const float* image, const int32_t* channels, int64_t count,
+            int64_t oh0, int64_t oh1, float* P, int64_t ld);
+
+// The zero-padded input rows that output rows [oh0, oh1) read, for the listed channels
+// (stride_w == 1 only): element (i, r, j) = x[channels[i], oh0 * stride_h - pad_top + r,
+// j - pad_left] at data[(i * rows + r) * width + j], width = OW + (kW - 1) * dilation_w (the
+// padded input's width), followed by slack so a read up to (kW - 1) * dilation_w floats past
+// the last row stays in the buffer.
+struct PaddedRows {
+  const float* data;
+  int64_t rows, width;
+};
+PaddedRows PadRows(const Conv2dShape& g, const float* image, const int32_t* channels,
+                   int64_t count, int64_t oh0, int64_t oh1, std::vector<float>& buffer);
+
+// The patch matrix of output rows [oh0, oh1) over the listed channels, laid out for a GEMM:
+// row k = (i * kH + kh) * kW + kw, column r * row_width + ow for output row oh0 + r.
+// With stride_w == 1 the patches are taken over the whole zero-padded width (row_width =
+// PadRows' width), so each patch row is one contiguous copy of the padded input (a plain
+// im2col makes a short copy per output row); the columns ow >= OW of each output row are junk
+// that callers skip. Otherwise row_width = OW. Returns row_width; P holds count * kH * kW rows
+// of (oh1 - oh0) * row_width columns.
+int64_t Patches(const Conv2dShape& g, const float* image, const int32_t* channels, int64_t count,
+                int64_t oh0, int64_t oh1, std::vector<float>& P, std::vector<float>& padded);
+
+// C[M, N] = A[M, K] x B[K, N] (+ C) through common/gemm.h, cut into products of at most
+// kSmallGemm = M * N * K multiply-adds: OpenBLAS runs those with its small-matrix kernels (no
+// packing), 1.2-2.5x faster than its packed path on the zoo's layer shapes (README.md).
+inline constexpr int64_t kSmallGemm = 1000000;
+void BlockedSgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                  int64_t ldb, float* C, int64_t ldc, bool accumulate);
+
+// Convolution of padded rows (stride 1 only) as one GEMM per kernel entry, with no patch
+// matrix: out[count, rows * width] = sum over (kh, kw) of A_tap [count, channels] x the padded
+// rows shifted by (kh * dilation_h, kw * dilation_w) (ldb = rows * width), where
+// A_tap = taps + tap * tap_stride (rows of `channels` floats). Columns ow >= OW of each output
+// row are junk, as with Patches.
+void ShiftedGemms(const Conv2dShape& g, const PaddedRows& padded, int64_t channels,
+                  const float* taps, int64_t tap_stride, int64_t count, int64_t out_rows,
+                  float* out);
+
+// Window sums per kernel entry, the raw material of LSHConv's queries: for every channel c
+// and kernel entry (kh, kw), column sums over all output rows,
+// S[((c * kH + kh) * kW + kw) * OW + ow] = sum over oh of x[c, ih(oh, kh), iw(ow, kw)]
+// (0 outside the input), for channels [c0, c1). Channels with skip[c] set (skip may be null)
+// are written as 0.
+void WindowColumnSums(const Conv2dShape& g, const float* image, const bool* skip, float* S,
+                      std::vector<float>& scratch, int64_t c0, int64_t c1);
+
+}  // namespace compressor

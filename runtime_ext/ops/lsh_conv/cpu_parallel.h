@@ -1,0 +1,55 @@
+// Small CPU helpers of the LSH ops: grow-only scratch buffers and running work units on
+// onnxruntime's intra-op thread pool with errors carried back to the caller.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/ort_op.h"
+
+namespace compressor {
+
+template <class T>
+T* Scratch(std::vector<T>& buffer, size_t size) {
+  if (buffer.size() < size) buffer.resize(size);
+  return buffer.data();
+}
+
+inline int64_t HardwareThreads() {
+  return std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+}
+
+// Runs fn(i) for i in [0, total) on ORT's pool (context != null) or inline (context == null);
+// the first exception a unit throws is rethrown as an OpError once every unit has finished.
+template <class Fn>
+void ParallelUnits(OrtKernelContext* context, size_t total, Fn&& fn) {
+  if (context == nullptr) {
+    for (size_t i = 0; i < total; ++i) fn(i);
+    return;
+  }
+  std::mutex mutex;
+  std::string error;
+  auto guarded = [&](size_t i) {
+    try {
+      fn(i);
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (error.empty()) error = e.what();
+    }
+  };
+  ParallelFor(context, total, guarded);
+  if (!error.empty()) throw OpError(error, ORT_FAIL);
+}
+
+// [begin, end) of block i when `total` items are cut into `blocks` near-equal blocks.
+inline void BlockRange(int64_t total, int64_t blocks, int64_t i, int64_t* begin, int64_t* end) {
+  *begin = total * i / blocks;
+  *end = total * (i + 1) / blocks;
+}
+
+}  // namespace compressor
