@@ -28,6 +28,14 @@ def cpu_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["avx512", "portable"])
+def helpers(request, monkeypatch):
+    """COMPRESSOR_DIFFCONV_PORTABLE: the AVX-512 helpers (where the CPU has them) or the
+    portable ones, which other CPUs run."""
+    monkeypatch.setenv("COMPRESSOR_DIFFCONV_PORTABLE", "1" if request.param == "portable" else "0")
+    return request.param
+
+
 def attributes(strides, pads, dilations, **extra):
     return dict(strides=list(strides), pads=list(pads), dilations=list(dilations), **extra)
 
@@ -202,18 +210,48 @@ def test_property_threshold_zero_matches_ort_conv(case):
     assert counts.tolist() == [performed, dense]
 
 
+@pytest.mark.parametrize("portable", ["0", "1"])
 @pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=25, deadline=None)
 @given(case=conv_cases, threshold=st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0]))
-def test_property_threshold_matches_reference(path, case, threshold):
-    # Same skipped set (counts equal exactly) and same result up to rounding.
+def test_property_threshold_matches_reference(path, portable, case, threshold):
+    # Same skipped set (counts equal exactly) and same result up to rounding, with the AVX-512
+    # helpers and with the portable ones.
     x, w, b, g = make_case(case)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COMPRESSOR_DIFFCONV_PATH", path)
+        mp.setenv("COMPRESSOR_DIFFCONV_PORTABLE", portable)
         y, counts = diffconv(x, w, b, g.strides, g.pads, g.dilations, threshold, case["restart"])
     expected, performed, dense = reference_diffconv(x, w, b, g, threshold, case["restart"])
     assert counts.tolist() == [performed, dense]
     np.testing.assert_allclose(y, expected, atol=tolerance(x, w), rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "n,c,m,size,strides,dilations",
+    [
+        (1, 40, 130, 9, (1, 1), (1, 1)),   # three channel tiles (64, 64, 2), input channel blocks
+        (2, 16, 64, 12, (2, 2), (1, 1)),   # stride 2: column phases, row classes
+        (1, 24, 48, 11, (1, 2), (2, 1)),   # dilation and stride mixed
+        (3, 64, 96, 7, (1, 1), (1, 1)),    # several images, sparse groups of one kernel entry
+    ],
+)
+def test_wide_layers_match_reference(path, n, c, m, size, strides, dilations, helpers, monkeypatch):
+    # Wide layers take the blocked code paths the small property cases do not reach: several
+    # 64-channel output tiles, input channels in L1-sized blocks, sparse passes of fewer
+    # kernel entries than a class holds.
+    monkeypatch.setenv("COMPRESSOR_DIFFCONV_PATH", path)
+    rng = np.random.default_rng(n * 1000 + c)
+    x = np.maximum(np.round(rng.standard_normal((n, c, size, size)) * 4) / 4, 0).astype(np.float32)
+    w = (rng.standard_normal((m, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32)
+    g = ConvGeometry(strides, (1, 1, 1, 1), dilations)
+    for threshold in (0.0, 0.3, 1.0):
+        y, counts = diffconv(x, w, b, g.strides, g.pads, g.dilations, threshold, restart=5)
+        expected, performed, dense = reference_diffconv(x, w, b, g, threshold, 5)
+        assert counts.tolist() == [performed, dense]
+        np.testing.assert_allclose(y, expected, atol=1e-4 * (1 + np.abs(expected).max()), rtol=1e-4)
 
 
 def test_threshold_skips_multiplications_and_bounds_error():

@@ -135,7 +135,7 @@ struct DiffConvGeometry {
     }
     g.OH = (padded_h - span_h) / g.stride_h + 1;
     g.OW = (padded_w - span_w) / g.stride_w + 1;
-    // BLAS takes 32-bit sizes.
+    // The CPU kernel indexes its position lists with 32-bit ints.
     if (g.K() * g.OH * g.OW > INT32_MAX || g.M * g.K() > INT32_MAX) {
       throw OpError("shape too large: X " + ShapeString(x) + ", W " + ShapeString(w),
                     ORT_NOT_IMPLEMENTED);

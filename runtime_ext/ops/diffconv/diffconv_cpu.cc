@@ -77,12 +77,13 @@ Path PathFromEnvironment() {
 #define COMPRESSOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define COMPRESSOR_INLINE __attribute__((always_inline)) inline
 
-bool HasAvx512() {
-  static const bool avx512 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return avx512;
+// COMPRESSOR_DIFFCONV_PORTABLE=1 (read when a session creates the kernel) uses the portable
+// versions even on AVX-512, so tests check them there too.
+bool UseAvx512() {
+  const char* portable = std::getenv("COMPRESSOR_DIFFCONV_PORTABLE");
+  if (portable != nullptr && std::strcmp(portable, "1") == 0) return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") != 0;
 }
 
 typedef float Vec16 __attribute__((vector_size(64)));
@@ -96,7 +97,7 @@ COMPRESSOR_INLINE void Store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)
 
 constexpr int64_t kLanes = 16;
 constexpr int kMaxVectors = 4;                        // channel tile: up to 64 output channels
-constexpr int64_t kTileWidth = kLanes * kMaxVectors;  // floats per window in the output buffer
+constexpr int64_t kTileWidth = kLanes * kMaxVectors;  // output channels per tile
 
 // Windows per micro-kernel call for a tile of NV vectors: NV * P accumulators stay in
 // registers (24 of the 32 AVX-512 registers), plus NV weights and one broadcast input.
@@ -265,9 +266,20 @@ __attribute__((target("avx512f"))) void BuildPhaseImageAvx512(const DiffConvGeom
     if (end <= begin) return 0;
     return static_cast<__mmask16>(((1u << end) - 1u) & ~((1u << begin) - 1u));
   };
-  // The masks depend only on the chunk of 16 within a row: computed once.
+  // The masks depend only on the chunk of 16 within a row: computed once (on the stack for
+  // rows of up to 1024 floats).
   const int64_t chunks = CeilDiv(p.length, 16);
-  std::vector<__mmask16> store_mask(chunks), low_mask(chunks), high_mask(chunks);
+  constexpr int64_t kStackChunks = 64;
+  __mmask16 stack_masks[3 * kStackChunks];
+  std::vector<__mmask16> heap_masks;
+  __mmask16* masks = stack_masks;
+  if (chunks > kStackChunks) {
+    heap_masks.resize(3 * chunks);
+    masks = heap_masks.data();
+  }
+  __mmask16* store_mask = masks;
+  __mmask16* low_mask = masks + chunks;
+  __mmask16* high_mask = masks + 2 * chunks;
   if (sw == 2) {  // de-interleave 32 columns into 16 of each phase with two permutes
     for (int64_t k = 0; k < chunks; ++k) {  // columns 2j + lane - pad_left must lie in [0, W)
       const int64_t j = 16 * k, first = g.pad_left - 2 * j, end = g.W + g.pad_left - 2 * j;
@@ -328,8 +340,8 @@ __attribute__((target("avx512f"))) void BuildPhaseImageAvx512(const DiffConvGeom
 }
 
 void BuildPhaseImage(const DiffConvGeometry& g, const PhaseLayout& p, const float* image,
-                     float* out) {
-  if (HasAvx512()) {
+                     float* out, bool avx512) {
+  if (avx512) {
     BuildPhaseImageAvx512(g, p, image, out);
   } else {
     BuildPhaseImagePortable(g, p, image, out);
@@ -374,13 +386,13 @@ COMPRESSOR_CLONES void BuildDifferenceImage(const float* phase_image, int64_t ro
 
 // Prefix sum along each output row of the buffer, restarting at restart windows.
 COMPRESSOR_CLONES void PrefixSumRows(float* out, int64_t rows, int64_t row_stride, int64_t OW,
-                                     int64_t restart, int nv) {
+                                     int64_t restart, int64_t width, int nv) {
   for (int64_t row = 0; row < rows; ++row) {
     float* o = out + row * row_stride;
     for (int64_t ow = 1; ow < OW; ++ow) {
       if (ow % restart == 0) continue;
-      float* cur = o + ow * kTileWidth;
-      const float* prev = cur - kTileWidth;
+      float* cur = o + ow * width;
+      const float* prev = cur - width;
       for (int v = 0; v < nv; ++v) Store16(cur + v * kLanes, Load16(cur + v * kLanes) + Load16(prev + v * kLanes));
     }
   }
@@ -410,11 +422,11 @@ COMPRESSOR_INLINE void TransposeStage(Vec16* r) {
 }
 
 // Y[(m0 + m) * plane + j] = buffer window j's channel m + bias[m0 + m], for the `count`
-// windows of the unit (window j at out + (j / OW) * row_stride + (j % OW) * kTileWidth) and
+// windows of the unit (window j at out + (j / OW) * row_stride + (j % OW) * width) and
 // m < channels: 16 windows x 16 channels at a time through a register transpose.
 struct StoreCall {
   const float* out;
-  int64_t row_stride, OW, count, channels, plane;
+  int64_t row_stride, width, OW, count, channels, plane;
   const float* bias;  // for these channels, or nullptr
   float* y;           // channel 0, window 0 of the unit
 };
@@ -427,14 +439,14 @@ COMPRESSOR_CLONES void StoreTransposed(const StoreCall& a) {
     const int64_t n = std::min<int64_t>(kLanes, a.count - start);
     const float* src[kLanes];
     int64_t row = start / a.OW, ow = start % a.OW;
-    const float* last = a.out + row * a.row_stride + ow * kTileWidth;
+    const float* last = a.out + row * a.row_stride + ow * a.width;
     for (int64_t i = 0; i < kLanes; ++i) {
       src[i] = last;  // windows past the end repeat the last one (never stored)
       if (i + 1 < n && ++ow == a.OW) {
         ow = 0;
         ++row;
       }
-      if (i + 1 < n) last = a.out + row * a.row_stride + ow * kTileWidth;
+      if (i + 1 < n) last = a.out + row * a.row_stride + ow * a.width;
     }
     for (int64_t m0 = 0; m0 < a.channels; m0 += kLanes) {
       Vec16 r[16];
@@ -680,7 +692,7 @@ struct GatherCall {
   PositionLists lists;
   const float* wp;  // packed weights of the tile, [C][entries][16 * nv]
   float* out;       // window 0 of row 0 of the output buffer
-  int64_t row_stride, rows;
+  int64_t row_stride, width, rows;
   int nv;
 };
 
@@ -755,7 +767,7 @@ COMPRESSOR_INLINE void GatherGroup(const GatherCall& a, int64_t phase, int64_t f
       for (int e = 0; e < G; ++e) {
         const int64_t ow = j - shift[e];
         if (row_out[e] == nullptr || ow < 1 || ow >= g.OW || ow % g.restart == 0) continue;
-        float* o = row_out[e] + ow * kTileWidth;
+        float* o = row_out[e] + ow * a.width;
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) {
           Vec16 sum = acc[e][v];
@@ -843,7 +855,9 @@ struct Scratchpad {
 class DiffConvCpuKernel {
  public:
   DiffConvCpuKernel(const OrtApi& api, const OrtKernelInfo* info)
-      : attributes_(DiffConvAttributes::Read(info)), path_(PathFromEnvironment()) {
+      : attributes_(DiffConvAttributes::Read(info)),
+        path_(PathFromEnvironment()),
+        avx512_(UseAvx512()) {
     // A constant weight is packed once.
     int is_constant = 0;
     const OrtValue* weight = nullptr;
@@ -921,7 +935,8 @@ class DiffConvCpuKernel {
     // and few enough rows that the unit's output buffer stays in L1.
     const int64_t threads = std::max(1u, std::thread::hardware_concurrency());
     const int64_t blocks_per_image = std::clamp<int64_t>(CeilDiv(3 * threads, g.N), 1, g.OH);
-    const int64_t row_bytes = g.OW * kTileWidth * static_cast<int64_t>(sizeof(float));
+    const int64_t row_bytes = g.OW * std::min(kTileWidth, RoundUp(g.M, kLanes)) *
+                              static_cast<int64_t>(sizeof(float));
     const int64_t rows_in_l1 = std::max<int64_t>(1, kBufferBytes / row_bytes);
     const int64_t rows_per_unit = std::min(CeilDiv(g.OH, blocks_per_image), rows_in_l1);
     const int64_t row_blocks = CeilDiv(g.OH, rows_per_unit);
@@ -965,13 +980,18 @@ class DiffConvCpuKernel {
     const float* image = x + n * g.C * g.H * g.W;
 
     float* phase_image = Scratch(s.phase_image, static_cast<size_t>(image_size));
-    BuildPhaseImage(g, layout, image, phase_image);
+    BuildPhaseImage(g, layout, image, phase_image, avx512_);
     const int64_t phase_rows = g.C * layout.Lists();
 
     Path path = path_;
     if (path == Path::kAuto) {
-      const int64_t kept = CountDifferences(phase_image, phase_rows, layout.length, g.threshold);
-      const double density = static_cast<double>(kept) / static_cast<double>(image_size);
+      // The kept fraction, estimated on up to 16 evenly spaced input channels.
+      const int64_t step = std::max<int64_t>(1, g.C / 16);
+      int64_t kept = 0, counted = 0;
+      for (int64_t c = 0; c < g.C; c += step, counted += positions) {
+        kept += CountDifferences(phase_image + c * positions, layout.Lists(), layout.length, g.threshold);
+      }
+      const double density = static_cast<double>(kept) / static_cast<double>(counted);
       path = density < SparseDensityLimit(g.C) ? Path::kSparse
              : g.threshold > 0.0f                 ? Path::kDense
                                                   : Path::kConv;
@@ -988,7 +1008,7 @@ class DiffConvCpuKernel {
       lists.channels = Scratch(s.channels, static_cast<size_t>(image_size + kLanes));
       lists.values = Scratch(s.values, static_cast<size_t>(image_size + kLanes));
       lists.starts = Scratch(s.starts, static_cast<size_t>(positions + 1));
-      if (HasAvx512()) {
+      if (avx512_) {
         float* transposed = Scratch(s.transposed, static_cast<size_t>(positions * RoundUp(g.C, kLanes)));
         BuildPositionListsAvx512(layout, g.C, phase_image, g.threshold, lists, transposed);
       } else {
@@ -996,8 +1016,9 @@ class DiffConvCpuKernel {
       }
     }
 
-    // Output buffer: window-major, [rows][OW][kTileWidth].
-    const int64_t row_stride = g.OW * kTileWidth;
+    // Output buffer: window-major, [rows][OW][width], width = the widest channel tile.
+    const int64_t width = std::min(kTileWidth, RoundUp(g.M, kLanes));
+    const int64_t row_stride = g.OW * width;
     float* out = Scratch(s.out, static_cast<size_t>(rows * row_stride));
 
     // Window lists for the micro-kernel: every window of the unit (conv, dense), and the
@@ -1014,7 +1035,7 @@ class DiffConvCpuKernel {
       for (int64_t row = 0; row < rows; ++row) {
         for (int64_t ow = 0; ow < g.OW; ++ow, ++count) {
           windows[count] = window_source + row * g.stride_h * layout.RowStride() + ow;
-          outs[count] = out + row * row_stride + ow * kTileWidth;
+          outs[count] = out + row * row_stride + ow * width;
         }
       }
     }
@@ -1023,7 +1044,7 @@ class DiffConvCpuKernel {
       for (int64_t row = 0; row < rows; ++row) {
         for (int64_t ow = 0; ow < g.OW; ow += g.restart, ++count) {
           windows[count] = phase_image + row * g.stride_h * layout.RowStride() + ow;
-          outs[count] = out + row * row_stride + ow * kTileWidth;
+          outs[count] = out + row * row_stride + ow * width;
         }
       }
     }
@@ -1038,7 +1059,7 @@ class DiffConvCpuKernel {
                     layout.ChannelStride(), nv};
       if (path == Path::kSparse) {
         std::memset(out, 0, sizeof(float) * rows * row_stride);
-        RunGather(GatherCall{&g, &layout, &entry, &order, lists, wp, out, row_stride, rows, nv});
+        RunGather(GatherCall{&g, &layout, &entry, &order, lists, wp, out, row_stride, width, rows, nv});
       } else {
         RunConv(conv);
       }
@@ -1047,9 +1068,9 @@ class DiffConvCpuKernel {
         conv.out = outs + restart_begin;
         conv.count = count - restart_begin;
         RunConv(conv);  // restart windows: overwrite
-        PrefixSumRows(out, rows, row_stride, g.OW, g.restart, nv);
+        PrefixSumRows(out, rows, row_stride, g.OW, g.restart, width, nv);
       }
-      StoreTransposed(StoreCall{out, row_stride, g.OW, all_windows, channels, plane,
+      StoreTransposed(StoreCall{out, row_stride, width, g.OW, all_windows, channels, plane,
                                 bias ? bias + m0 : nullptr, y + (n * g.M + m0) * plane + oh0 * g.OW});
     }
     if (!counting) return 0;
@@ -1058,6 +1079,7 @@ class DiffConvCpuKernel {
 
   DiffConvAttributes attributes_;
   Path path_;
+  bool avx512_;  // the AVX-512 helpers (masked loads, compress); the micro-kernels use target_clones
   std::vector<float> packed_;
   std::vector<int64_t> packed_shape_;
 };
