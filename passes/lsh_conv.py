@@ -21,8 +21,14 @@ The pass calibrates, per layer and on the activations the layer really sees (ear
 already replaced), the query kind, ``K``, ``L`` and the random planes (a few seeded trials):
 the choice with the least output error (after the ReLU that follows, when one does) whose
 mean selected fraction stays within ``ratio`` (the hashing, well under 1% of a layer's MACs
-with ``mean`` queries, is reported and counted in the MACs but not budgeted).
-On the calibration set, ``mean`` won on every zoo layer we tried (docs/BENCHMARKS.md).
+with ``mean`` queries, is reported and counted in the MACs but not budgeted). On the zoo,
+``mean`` wins on most layers.
+
+Always-on filters: on the zoo's calibration data an oracle that picks, per sample, the filters
+with the largest output is barely better than one fixed set of filters, and LSH alone is close
+to a random pick at the same fraction. The calibration may therefore also put the filters
+with the largest mean response in every bucket (how many is calibrated, 0 included), leaving
+the tables to choose among the rest; the op does not change, only what the buckets hold.
 
 Chained layers: when an LSHConv's input comes from another LSHConv through ReLU, pooling and
 other ops that keep zero channels zero, the upstream node's ``selected`` output is wired to the
@@ -241,7 +247,8 @@ class ConvLayer:
         return self.node.name or "Conv"
 
     @property
-    def dense_macs_per_window(self) -> int:
+    def macs_per_position(self) -> int:
+        """Dense Conv MACs per output position (all filters)."""
         return int(self.weight.size)
 
 
@@ -381,11 +388,11 @@ def evaluate_choices(layer: ConvLayer, x: np.ndarray, energy: np.ndarray, querie
     kh, kw = layer.weight.shape[2:]
     dim = layer.weight[0].size + 1
     n = energy.shape[0]
-    oh, ow = _output_size(x.shape, layer)
+    oh, ow = output_size(x.shape, layer)
     total_energy = max(float(energy.sum()), 1e-30)
     transformed = alsh_transform(filter_vectors(layer.weight, layer.bias))
     max_bits, max_tables = max(bits_grid), max(tables_grid)
-    dense = layer.dense_macs_per_window * oh * ow
+    dense = layer.macs_per_position * oh * ow
     order = np.argsort(-energy.sum(axis=0), kind="stable")
     always_masks = {}
     for count in always_grid or [0]:
@@ -433,7 +440,8 @@ def evaluate_choices(layer: ConvLayer, x: np.ndarray, energy: np.ndarray, querie
     return choices, pick, best is not None
 
 
-def _output_size(x_shape, layer: ConvLayer) -> tuple[int, int]:
+def output_size(x_shape, layer: ConvLayer) -> tuple[int, int]:
+    """(OH, OW) of the layer on inputs of shape x_shape."""
     kh, kw = layer.weight.shape[2:]
     (sh, sw), (dh, dw) = layer.geometry.strides, layer.geometry.dilations
     top, left, bottom, right = layer.geometry.pads
@@ -579,8 +587,8 @@ class LSHConvPass(Pass):
                 node.outputs[1].name = names(f"{layer.name}_selected")
             nodes[index], selections[index] = node, choice.selected
 
-            oh, ow = _output_size(x.shape, layer)
-            dense = layer.dense_macs_per_window * oh * ow
+            oh, ow = output_size(x.shape, layer)
+            dense = layer.macs_per_position * oh * ow
             params = int(layer.weight.size + (0 if layer.bias is None else layer.bias.size))
             detail = (f"query={choice.query}, K={choice.bits}, L={choice.tables}, "
                       f"{choice.always} always-on: selects {choice.selected_fraction:.1%} of "

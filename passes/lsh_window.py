@@ -40,6 +40,7 @@ from compressor.passes.lsh_conv import (
     expected_macs,
     finish_result,
     layer_inputs,
+    output_size,
     replace_conv,
     sign_codes,
 )
@@ -249,12 +250,8 @@ class LSHWindowConvPass(Pass):
             attributes = conv_attributes_list(layer) + [ir.AttrFloat32("expected_kept", choice.cost)]
             replace_conv(graph, layer, OP_TYPE, inputs, attributes)
             model.opset_imports[OP_DOMAIN] = OP_DOMAIN_VERSION
-            kh, kw = layer.weight.shape[2:]
-            oh = (x.shape[2] + layer.geometry.pads[0] + layer.geometry.pads[2]
-                  - layer.geometry.dilations[0] * (kh - 1) - 1) // layer.geometry.strides[0] + 1
-            ow = (x.shape[3] + layer.geometry.pads[1] + layer.geometry.pads[3]
-                  - layer.geometry.dilations[1] * (kw - 1) - 1) // layer.geometry.strides[1] + 1
-            dense = layer.dense_macs_per_window * oh * ow
+            oh, ow = output_size(x.shape, layer)
+            dense = layer.macs_per_position * oh * ow
             params = int(layer.weight.size + (0 if layer.bias is None else layer.bias.size))
             records.append(LayerRecord(
                 name=layer.name, op="Conv", shape_before=tuple(layer.weight.shape),
