@@ -1,6 +1,7 @@
 // DiffConv CPU kernel: direct convolution with our own vector micro-kernels (no im2col, no
-// GEMM library). Work is split into units of (image, block of output rows) on ORT's intra-op
-// thread pool; within a unit, output channels go in tiles of up to 64 (4 vectors of 16).
+// GEMM library; the parts LSHConv shares are in common/direct_conv.h). Work is split into
+// units of (image, block of output rows) on ORT's intra-op thread pool; within a unit, output
+// channels go in tiles of up to 64 (4 vectors of 16).
 //
 // Per unit:
 //   1. The input rows the unit reads are copied, zero-padded, into a "phase image": each row
@@ -35,10 +36,13 @@
 
 #include <immintrin.h>
 
+#include "common/direct_conv.h"
 #include "ops/diffconv/diffconv.h"
 
 namespace compressor {
 namespace {
+
+using namespace direct_conv;
 
 // Below this fraction of kept differences (per input element) the sparse path beats the
 // dense ones (measured on the zoo's layers, AVX-512; README.md). Its fixed cost per input
@@ -51,9 +55,6 @@ double SparseDensityLimit(int64_t channels) {
 
 // A unit's output buffer (its rows x 64 channels) should stay in L1 (48 KiB here).
 constexpr int64_t kBufferBytes = 32 * 1024;
-// So should the weights a kernel streams over and over: the micro-kernel's for one block of
-// input channels, the sparse product's for one group of kernel entries.
-constexpr int64_t kWeightBlockBytes = 32 * 1024;
 
 enum class Path { kAuto, kConv, kDense, kSparse };
 
@@ -71,281 +72,16 @@ Path PathFromEnvironment() {
                 value + "'");
 }
 
-// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time. The
-// micro-kernels use GCC vector extensions, so one source serves every clone; a few helpers
-// have an AVX-512 version with masked loads, stores and compress (chosen at run time).
-#define COMPRESSOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define COMPRESSOR_INLINE __attribute__((always_inline)) inline
-
-// COMPRESSOR_DIFFCONV_PORTABLE=1 (read when a session creates the kernel) uses the portable
-// versions even on AVX-512, so tests check them there too.
-bool UseAvx512() {
-  const char* portable = std::getenv("COMPRESSOR_DIFFCONV_PORTABLE");
-  if (portable != nullptr && std::strcmp(portable, "1") == 0) return false;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") != 0;
-}
-
-typedef float Vec16 __attribute__((vector_size(64)));
-
-COMPRESSOR_INLINE Vec16 Load16(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-COMPRESSOR_INLINE void Store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-constexpr int64_t kLanes = 16;
-constexpr int kMaxVectors = 4;                        // channel tile: up to 64 output channels
-constexpr int64_t kTileWidth = kLanes * kMaxVectors;  // output channels per tile
-
-// Windows per micro-kernel call for a tile of NV vectors: NV * P accumulators stay in
-// registers (24 of the 32 AVX-512 registers), plus NV weights and one broadcast input.
-template <int NV>
-constexpr int WindowsPerCall() {
-  return NV == 4 ? 6 : NV == 3 ? 8 : 12;
-}
-
 // Kernel entries per sparse-product pass for a tile of NV vectors: G * NV accumulators.
 template <int NV>
 constexpr int EntriesPerGroup() {
   return NV == 4 ? 6 : NV == 3 ? 8 : 9;
 }
 
-int64_t RoundUp(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
-int64_t CeilDiv(int64_t value, int64_t divisor) { return (value + divisor - 1) / divisor; }
-
 template <class T>
 T* Scratch(std::vector<T>& buffer, size_t size) {
   if (buffer.size() < size) buffer.resize(size);
   return buffer.data();
-}
-
-// The zero-padded input rows a unit (output rows [oh0, oh1)) reads, each split into `phases`
-// (= stride_w) column phases of `length` floats: element (c, r, phase, j) is
-// x(c, row_begin + r, j * stride_w + phase - pad_left), stored at
-// ((c * rows + r) * phases + phase) * length + j. Window (oh, ow) reads, for kernel entry
-// (c, kh, kw), row r = (oh - oh0) * stride_h + kh * dilation_h, phase (kw * dilation_w) %
-// stride_w, j = ow + (kw * dilation_w) / stride_w: consecutive windows, consecutive floats.
-struct PhaseLayout {
-  int64_t rows, phases, length, row_begin;
-
-  static PhaseLayout Make(const DiffConvGeometry& g, int64_t oh0, int64_t oh1) {
-    PhaseLayout p{};
-    p.rows = (oh1 - 1 - oh0) * g.stride_h + (g.kH - 1) * g.dilation_h + 1;
-    p.phases = g.stride_w;
-    const int64_t columns = (g.OW - 1) * g.stride_w + (g.kW - 1) * g.dilation_w + 1;
-    p.length = CeilDiv(columns, g.stride_w);
-    p.row_begin = oh0 * g.stride_h - g.pad_top;
-    return p;
-  }
-  int64_t RowStride() const { return phases * length; }
-  int64_t ChannelStride() const { return rows * phases * length; }
-  int64_t Size() const { return ChannelStride(); }  // per channel
-  int64_t Lists() const { return rows * phases; }   // rows of one channel
-};
-
-// The kernel entries (kh, kw) of one input channel in the order the kernels use them and the
-// weights are packed in: by class (column phase of kw: (kw * dilation_w) % stride_w, then
-// row phase of kh: (kh * dilation_h) % stride_h), then kh, then kw. The sparse product works
-// on one class at a time: a phase-image position feeds every entry of its class or none.
-// Entries [class_begin[k], class_begin[k + 1]) form class k (column phase k / stride_h).
-// For stride 1 it is plain (kh, kw) order.
-struct EntryOrder {
-  std::vector<int64_t> kh, kw, class_begin;
-  int64_t row_phases = 1;
-
-  static EntryOrder Make(int64_t kH, int64_t kW, int64_t stride_h, int64_t stride_w,
-                         int64_t dilation_h, int64_t dilation_w) {
-    EntryOrder o;
-    o.row_phases = stride_h;
-    o.class_begin.push_back(0);
-    for (int64_t column_phase = 0; column_phase < stride_w; ++column_phase) {
-      for (int64_t row_phase = 0; row_phase < stride_h; ++row_phase) {
-        for (int64_t h = 0; h < kH; ++h) {
-          for (int64_t w = 0; w < kW; ++w) {
-            if ((w * dilation_w) % stride_w != column_phase || (h * dilation_h) % stride_h != row_phase) continue;
-            o.kh.push_back(h);
-            o.kw.push_back(w);
-          }
-        }
-        o.class_begin.push_back(static_cast<int64_t>(o.kh.size()));
-      }
-    }
-    return o;
-  }
-};
-
-// Per kernel column: its phase and its window shift within the phase
-// (q = kw * dilation_w / stride_w); per entry (EntryOrder): its offset from a window's first
-// input float in the phase image.
-struct EntryOffsets {
-  std::vector<int64_t> offset;  // [entry]
-  std::vector<int64_t> phase;   // [kw]
-  std::vector<int64_t> shift;   // [kw]
-};
-
-EntryOffsets MakeEntryOffsets(const DiffConvGeometry& g, const PhaseLayout& p, const EntryOrder& order) {
-  EntryOffsets e;
-  e.phase.resize(g.kW);
-  e.shift.resize(g.kW);
-  for (int64_t kw = 0; kw < g.kW; ++kw) {
-    e.phase[kw] = (kw * g.dilation_w) % g.stride_w;
-    e.shift[kw] = (kw * g.dilation_w) / g.stride_w;
-  }
-  e.offset.resize(order.kh.size());
-  for (size_t t = 0; t < order.kh.size(); ++t) {
-    const int64_t kh = order.kh[t], kw = order.kw[t];
-    e.offset[t] = kh * g.dilation_h * p.RowStride() + e.phase[kw] * p.length + e.shift[kw];
-  }
-  return e;
-}
-
-// Copies the input rows of a unit into its phase image (zeros outside the input). Rows are
-// short: inline loops, not memset/memcpy calls.
-__attribute__((optimize("no-tree-loop-distribute-patterns")))
-COMPRESSOR_CLONES void BuildPhaseImagePortable(const DiffConvGeometry& g, const PhaseLayout& p,
-                                       const float* image, float* out) {
-  const int64_t sw = g.stride_w;
-  // Per phase: the j range whose column j * sw + phase - pad_left lies in [0, W).
-  int64_t first[64], last[64];
-  for (int64_t phase = 0; phase < std::min<int64_t>(p.phases, 64); ++phase) {
-    first[phase] = std::clamp<int64_t>(CeilDiv(std::max<int64_t>(0, g.pad_left - phase), sw), 0, p.length);
-    last[phase] = g.W + g.pad_left - phase <= 0
-                      ? first[phase]
-                      : std::clamp<int64_t>(CeilDiv(g.W + g.pad_left - phase, sw), first[phase], p.length);
-  }
-  for (int64_t c = 0; c < g.C; ++c) {
-    for (int64_t r = 0; r < p.rows; ++r) {
-      float* row = out + c * p.ChannelStride() + r * p.RowStride();
-      const int64_t ih = p.row_begin + r;
-      if (ih < 0 || ih >= g.H) {
-        for (int64_t j = 0; j < p.RowStride(); ++j) row[j] = 0.0f;
-        continue;
-      }
-      const float* in = image + (c * g.H + ih) * g.W;
-      for (int64_t phase = 0; phase < p.phases; ++phase) {
-        float* dst = row + phase * p.length;
-        int64_t j0, j1;
-        if (phase < 64) {
-          j0 = first[phase];
-          j1 = last[phase];
-        } else {
-          j0 = std::clamp<int64_t>(CeilDiv(std::max<int64_t>(0, g.pad_left - phase), sw), 0, p.length);
-          j1 = g.W + g.pad_left - phase <= 0
-                   ? j0
-                   : std::clamp<int64_t>(CeilDiv(g.W + g.pad_left - phase, sw), j0, p.length);
-        }
-        for (int64_t j = 0; j < j0; ++j) dst[j] = 0.0f;
-        const float* src = in + phase - g.pad_left;
-        if (sw == 1) {
-          for (int64_t j = j0; j < j1; ++j) dst[j] = src[j];
-        } else {
-          for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * sw];
-        }
-        for (int64_t j = j1; j < p.length; ++j) dst[j] = 0.0f;
-      }
-    }
-  }
-}
-
-// The same with AVX-512: per 16 floats one masked load (stride_w 1) or masked gather, and one
-// masked store (the masked lanes of a load or gather never fault), so a row costs a few
-// instructions.
-__attribute__((target("avx512f"))) void BuildPhaseImageAvx512(const DiffConvGeometry& g,
-                                                              const PhaseLayout& p,
-                                                              const float* image, float* out) {
-  const int64_t sw = g.stride_w;
-  const __m512 zero = _mm512_setzero_ps();
-  const __m512i lane_offsets = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int32_t>(sw)));
-  auto range_mask = [](int64_t begin, int64_t end) -> __mmask16 {  // lanes in [begin, end)
-    begin = std::clamp<int64_t>(begin, 0, 16);
-    end = std::clamp<int64_t>(end, 0, 16);
-    if (end <= begin) return 0;
-    return static_cast<__mmask16>(((1u << end) - 1u) & ~((1u << begin) - 1u));
-  };
-  // The masks depend only on the chunk of 16 within a row: computed once (on the stack for
-  // rows of up to 1024 floats).
-  const int64_t chunks = CeilDiv(p.length, 16);
-  constexpr int64_t kStackChunks = 64;
-  __mmask16 stack_masks[3 * kStackChunks];
-  std::vector<__mmask16> heap_masks;
-  __mmask16* masks = stack_masks;
-  if (chunks > kStackChunks) {
-    heap_masks.resize(3 * chunks);
-    masks = heap_masks.data();
-  }
-  __mmask16* store_mask = masks;
-  __mmask16* low_mask = masks + chunks;
-  __mmask16* high_mask = masks + 2 * chunks;
-  if (sw == 2) {  // de-interleave 32 columns into 16 of each phase with two permutes
-    for (int64_t k = 0; k < chunks; ++k) {  // columns 2j + lane - pad_left must lie in [0, W)
-      const int64_t j = 16 * k, first = g.pad_left - 2 * j, end = g.W + g.pad_left - 2 * j;
-      store_mask[k] = range_mask(0, p.length - j);
-      low_mask[k] = range_mask(first, end);
-      high_mask[k] = range_mask(first - 16, end - 16);
-    }
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    for (int64_t c = 0; c < g.C; ++c) {
-      for (int64_t r = 0; r < p.rows; ++r) {
-        float* row = out + c * p.ChannelStride() + r * p.RowStride();
-        const int64_t ih = p.row_begin + r;
-        const bool inside = ih >= 0 && ih < g.H;
-        const float* src = inside ? image + (c * g.H + ih) * g.W - g.pad_left : nullptr;
-        for (int64_t k = 0; k < chunks; ++k) {
-          __m512 low = zero, high = zero;
-          if (inside) {
-            low = _mm512_maskz_loadu_ps(low_mask[k], src + 32 * k);
-            high = _mm512_maskz_loadu_ps(high_mask[k], src + 32 * k + 16);
-          }
-          _mm512_mask_storeu_ps(row + 16 * k, store_mask[k], _mm512_permutex2var_ps(low, even, high));
-          _mm512_mask_storeu_ps(row + p.length + 16 * k, store_mask[k],
-                                _mm512_permutex2var_ps(low, odd, high));
-        }
-      }
-    }
-    return;
-  }
-  for (int64_t phase = 0; phase < p.phases; ++phase) {
-    // j range whose column j * sw + phase - pad_left lies in [0, W)
-    const int64_t j0 = std::clamp<int64_t>(CeilDiv(std::max<int64_t>(0, g.pad_left - phase), sw), 0, p.length);
-    const int64_t j1 = g.W + g.pad_left - phase <= 0
-                           ? j0
-                           : std::clamp<int64_t>(CeilDiv(g.W + g.pad_left - phase, sw), j0, p.length);
-    for (int64_t k = 0; k < chunks; ++k) {
-      store_mask[k] = range_mask(0, p.length - 16 * k);
-      low_mask[k] = range_mask(j0 - 16 * k, j1 - 16 * k);
-    }
-    for (int64_t c = 0; c < g.C; ++c) {
-      for (int64_t r = 0; r < p.rows; ++r) {
-        float* row = out + c * p.ChannelStride() + r * p.RowStride() + phase * p.length;
-        const int64_t ih = p.row_begin + r;
-        const bool inside = ih >= 0 && ih < g.H;
-        const float* src = inside ? image + (c * g.H + ih) * g.W + phase - g.pad_left : nullptr;
-        for (int64_t k = 0; k < chunks; ++k) {
-          __m512 v = zero;
-          if (inside && sw == 1) {
-            v = _mm512_maskz_loadu_ps(low_mask[k], src + 16 * k);
-          } else if (inside && low_mask[k]) {
-            v = _mm512_mask_i32gather_ps(zero, low_mask[k], lane_offsets, src + 16 * k * sw, 4);
-          }
-          _mm512_mask_storeu_ps(row + 16 * k, store_mask[k], v);
-        }
-      }
-    }
-  }
-}
-
-void BuildPhaseImage(const DiffConvGeometry& g, const PhaseLayout& p, const float* image,
-                     float* out, bool avx512) {
-  if (avx512) {
-    BuildPhaseImageAvx512(g, p, image, out);
-  } else {
-    BuildPhaseImagePortable(g, p, image, out);
-  }
 }
 
 // Differences along each phase row of a phase image: the column differences
@@ -394,80 +130,6 @@ COMPRESSOR_CLONES void PrefixSumRows(float* out, int64_t rows, int64_t row_strid
       float* cur = o + ow * width;
       const float* prev = cur - width;
       for (int v = 0; v < nv; ++v) Store16(cur + v * kLanes, Load16(cur + v * kLanes) + Load16(prev + v * kLanes));
-    }
-  }
-}
-
-// One butterfly stage of a 16x16 transpose: swaps bit K of the row index with bit K of the
-// column index for the row pair (a, b = a + 2^K).
-template <int K, size_t... I>
-COMPRESSOR_INLINE Vec16 TransposeLow(Vec16 a, Vec16 b, std::index_sequence<I...>) {
-  return __builtin_shufflevector(a, b, (((I >> K) & 1) ? 16 + I - (1 << K) : I)...);
-}
-template <int K, size_t... I>
-COMPRESSOR_INLINE Vec16 TransposeHigh(Vec16 a, Vec16 b, std::index_sequence<I...>) {
-  return __builtin_shufflevector(a, b, (((I >> K) & 1) ? 16 + I : I + (1 << K))...);
-}
-template <int K>
-COMPRESSOR_INLINE void TransposeStage(Vec16* r) {
-  constexpr int kStep = 1 << K;
-#pragma GCC unroll 16
-  for (int a = 0; a < 16; ++a) {
-    if (a & kStep) continue;
-    const Vec16 low = TransposeLow<K>(r[a], r[a + kStep], std::make_index_sequence<16>());
-    const Vec16 high = TransposeHigh<K>(r[a], r[a + kStep], std::make_index_sequence<16>());
-    r[a] = low;
-    r[a + kStep] = high;
-  }
-}
-
-// Y[(m0 + m) * plane + j] = buffer window j's channel m + bias[m0 + m], for the `count`
-// windows of the unit (window j at out + (j / OW) * row_stride + (j % OW) * width) and
-// m < channels: 16 windows x 16 channels at a time through a register transpose.
-struct StoreCall {
-  const float* out;
-  int64_t row_stride, width, OW, count, channels, plane;
-  const float* bias;  // for these channels, or nullptr
-  float* y;           // channel 0, window 0 of the unit
-};
-
-// When count >= 16, the last block is shifted back to end at `count` (it rewrites some
-// windows of the previous block with the same values) so every store is a whole vector.
-COMPRESSOR_CLONES void StoreTransposed(const StoreCall& a) {
-  for (int64_t j0 = 0; j0 < a.count; j0 += kLanes) {
-    const int64_t start = a.count >= kLanes ? std::min(j0, a.count - kLanes) : 0;
-    const int64_t n = std::min<int64_t>(kLanes, a.count - start);
-    const float* src[kLanes];
-    int64_t row = start / a.OW, ow = start % a.OW;
-    const float* last = a.out + row * a.row_stride + ow * a.width;
-    for (int64_t i = 0; i < kLanes; ++i) {
-      src[i] = last;  // windows past the end repeat the last one (never stored)
-      if (i + 1 < n && ++ow == a.OW) {
-        ow = 0;
-        ++row;
-      }
-      if (i + 1 < n) last = a.out + row * a.row_stride + ow * a.width;
-    }
-    for (int64_t m0 = 0; m0 < a.channels; m0 += kLanes) {
-      Vec16 r[16];
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) r[i] = Load16(src[i] + m0);
-      TransposeStage<0>(r);
-      TransposeStage<1>(r);
-      TransposeStage<2>(r);
-      TransposeStage<3>(r);
-      const int64_t mn = std::min<int64_t>(kLanes, a.channels - m0);
-#pragma GCC unroll 16
-      for (int m = 0; m < 16; ++m) {  // unrolled: r stays in registers
-        if (m >= mn) break;
-        const Vec16 v = r[m] + (a.bias ? a.bias[m0 + m] : 0.0f);
-        float* dst = a.y + (m0 + m) * a.plane + start;
-        if (n == kLanes) {
-          Store16(dst, v);
-        } else {
-          for (int64_t i = 0; i < n; ++i) dst[i] = v[i];
-        }
-      }
     }
   }
 }
@@ -568,112 +230,6 @@ int64_t CountKept(const DiffConvGeometry& g, const PhaseLayout& p, const EntryOf
     }
   }
   return kept;
-}
-
-// The micro-kernel: for P windows (each given by the address of its first input float, entry
-// (c=0, kh=0, kw=0)) and a tile of NV * 16 output channels, sums over the kernel entries
-// k = (c, kh, kw) of `channels` input channels from channel c0 the input value times the
-// packed weight vector wp[k] (wp: [c0's first entry][NV*16]), and stores (or with
-// `accumulate`, adds) the P x NV*16 results at out[p]. Accumulators live in registers.
-template <int NV, int P>
-COMPRESSOR_INLINE void ConvWindows(const float* const* window, int64_t window_offset,
-                                   const float* wp, const int64_t* offsets,
-                                   int64_t entries_per_channel, int64_t channels,
-                                   int64_t channel_stride, bool accumulate, float* const* out) {
-  constexpr int64_t kWidth = NV * kLanes;
-  Vec16 acc[P][NV];
-#pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[p][v] = accumulate ? Load16(out[p] + v * kLanes) : Vec16{};
-  }
-  const float* base[P];
-#pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) base[p] = window[p] + window_offset;
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t t = 0; t < entries_per_channel; ++t, wp += kWidth) {
-      const int64_t o = offsets[t];
-      Vec16 w[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) w[v] = Load16(wp + v * kLanes);
-#pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) {
-        const float s = base[p][o];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[p][v] += s * w[v];
-      }
-    }
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) base[p] += channel_stride;
-  }
-#pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) Store16(out[p] + v * kLanes, acc[p][v]);
-  }
-}
-
-// The micro-kernel for r <= R windows (R a compile-time bound).
-template <int NV, int R>
-COMPRESSOR_INLINE void ConvSome(int64_t r, const float* const* window, int64_t window_offset,
-                                const float* wp, const int64_t* offsets,
-                                int64_t entries_per_channel, int64_t channels,
-                                int64_t channel_stride, bool accumulate, float* const* out) {
-  if constexpr (R > 0) {
-    if (r == R) {
-      ConvWindows<NV, R>(window, window_offset, wp, offsets, entries_per_channel, channels,
-                         channel_stride, accumulate, out);
-    } else {
-      ConvSome<NV, R - 1>(r, window, window_offset, wp, offsets, entries_per_channel, channels,
-                          channel_stride, accumulate, out);
-    }
-  }
-}
-
-// Runs the micro-kernel over a list of windows in as few calls as P allows, with the windows
-// spread evenly over the calls: a call on 1 or 2 windows would wait on its few accumulators
-// and on the weights it streams (e.g. 7 windows go as 4 + 3, not 6 + 1). Input channels go in
-// blocks whose weights fit in L1, every window of the list per block.
-template <int NV>
-COMPRESSOR_INLINE void ConvWindowList(const float* const* window, float* const* out,
-                                      int64_t count, const float* wp, const int64_t* offsets,
-                                      int64_t entries_per_channel, int64_t channels,
-                                      int64_t channel_stride) {
-  constexpr int P = WindowsPerCall<NV>();
-  constexpr int64_t kWidth = NV * kLanes;
-  const int64_t calls = CeilDiv(count, P);
-  const int64_t block = std::max<int64_t>(
-      1, kWeightBlockBytes / (entries_per_channel * kWidth * static_cast<int64_t>(sizeof(float))));
-  for (int64_t c0 = 0; c0 < channels; c0 += block) {
-    const int64_t c1 = std::min(channels, c0 + block);
-    const float* wb = wp + c0 * entries_per_channel * kWidth;
-    int64_t i = 0;
-    for (int64_t call = 0; call < calls; ++call) {
-      const int64_t r = count / calls + (call < count % calls ? 1 : 0);
-      ConvSome<NV, P>(r, window + i, c0 * channel_stride, wb, offsets, entries_per_channel,
-                      c1 - c0, channel_stride, c0 > 0, out + i);
-      i += r;
-    }
-  }
-}
-
-struct ConvCall {
-  const float* const* window;
-  float* const* out;
-  int64_t count;
-  const float* wp;
-  const int64_t* offsets;
-  int64_t entries_per_channel, channels, channel_stride;
-  int nv;
-};
-
-COMPRESSOR_CLONES void RunConv(const ConvCall& a) {
-  switch (a.nv) {
-    case 4: ConvWindowList<4>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
-    case 3: ConvWindowList<3>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
-    case 2: ConvWindowList<2>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
-    default: ConvWindowList<1>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
-  }
 }
 
 // The sparse product, output-stationary. For one column phase and a group of G kernel
@@ -823,28 +379,6 @@ COMPRESSOR_CLONES void RunGather(const GatherCall& a) {
   }
 }
 
-// Weights [M, C, kH, kW] packed per channel tile of up to 64: tile t (channels [64t, 64t +
-// 16 * nv)) is [C][entries in EntryOrder][16 * nv] at t * K * 64, channels >= M zero.
-std::vector<float> PackWeights(const float* w, int64_t M, int64_t C, int64_t kH, int64_t kW,
-                               const EntryOrder& order) {
-  const int64_t K = C * kH * kW, tiles = CeilDiv(M, kTileWidth);
-  std::vector<float> packed(static_cast<size_t>(tiles * K * kTileWidth), 0.0f);
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t m0 = t * kTileWidth;
-    const int64_t width = std::min(kTileWidth, RoundUp(M - m0, kLanes));
-    float* dst = packed.data() + t * K * kTileWidth;
-    for (int64_t m = m0; m < std::min(M, m0 + kTileWidth); ++m) {
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t e = 0; e < kH * kW; ++e) {
-          const float value = w[((m * C + c) * kH + order.kh[e]) * kW + order.kw[e]];
-          dst[(c * kH * kW + e) * width + (m - m0)] = value;
-        }
-      }
-    }
-  }
-  return packed;
-}
-
 struct Scratchpad {
   std::vector<float> phase_image, differences, out, transposed, values;
   std::vector<int32_t> channels, starts;
@@ -857,7 +391,8 @@ class DiffConvCpuKernel {
   DiffConvCpuKernel(const OrtApi& api, const OrtKernelInfo* info)
       : attributes_(DiffConvAttributes::Read(info)),
         path_(PathFromEnvironment()),
-        avx512_(UseAvx512()) {
+        // COMPRESSOR_DIFFCONV_PORTABLE=1: the portable helpers even on AVX-512 (tests).
+        avx512_(UseAvx512("COMPRESSOR_DIFFCONV_PORTABLE")) {
     // A constant weight is packed once.
     int is_constant = 0;
     const OrtValue* weight = nullptr;
@@ -972,15 +507,16 @@ class DiffConvCpuKernel {
                   int64_t oh1, const float* x, const float* packed, const float* bias, float* y,
                   bool counting) const {
     thread_local Scratchpad s;
-    const PhaseLayout layout = PhaseLayout::Make(g, oh0, oh1);
-    const EntryOffsets entry = MakeEntryOffsets(g, layout, order);
+    const Geometry direct = Geometry::Of(g);
+    const PhaseLayout layout = PhaseLayout::Make(direct, oh0, oh1);
+    const EntryOffsets entry = MakeEntryOffsets(direct, layout, order);
     const int64_t rows = oh1 - oh0, K = g.K(), plane = g.OH * g.OW;
     const int64_t positions = layout.Size(), image_size = g.C * positions;
     if (image_size >= INT32_MAX) throw OpError("input too large for one unit", ORT_NOT_IMPLEMENTED);
     const float* image = x + n * g.C * g.H * g.W;
 
     float* phase_image = Scratch(s.phase_image, static_cast<size_t>(image_size));
-    BuildPhaseImage(g, layout, image, phase_image, avx512_);
+    BuildPhaseImage(direct, layout, image, nullptr, g.C, phase_image, avx512_);
     const int64_t phase_rows = g.C * layout.Lists();
 
     Path path = path_;
