@@ -49,8 +49,16 @@ test-cuda: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check compressor passes models tests bench
 
-bench: $(STAMP)
+# The benchmarks' own dependencies (the `bench` extra), installed on top of the package.
+BENCH_STAMP := $(VENV)/.compressor-bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) bench/bench_compression.py
+	$(PY) bench/bench_structural.py
 
 clean:
 	rm -rf build $(VENV)
