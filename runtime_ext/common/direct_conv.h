@@ -52,6 +52,16 @@ COMPRESSOR_INLINE Vec16 Load16(const float* p) {
 }
 COMPRESSOR_INLINE void Store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
+// The sum of a vector's lanes, by halves (4 dependent adds, not 15).
+COMPRESSOR_INLINE float HorizontalSum(Vec16 v) {
+  typedef float Vec8 __attribute__((vector_size(32)));
+  typedef float Vec4 __attribute__((vector_size(16)));
+  const Vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 constexpr int64_t kLanes = 16;
 constexpr int kMaxVectors = 4;                        // channel tile: up to 64 output channels
 constexpr int64_t kTileWidth = kLanes * kMaxVectors;  // output channels per tile

@@ -71,12 +71,17 @@ def run(model, feeds, provider="cpu", threads=None):
     return runtime.session(model, provider=provider, threads=threads).run(None, feeds)
 
 
-def all_selected(tables: int, bits: int, filters: int) -> np.ndarray:
-    """Bucket tables in which every bucket holds every filter."""
+def fixed_selection(tables: int, bits: int, filters: int, chosen) -> np.ndarray:
+    """Bucket tables in which every bucket holds the same filters, `chosen`."""
     words = np.zeros((filters + 63) // 64, np.uint64)
-    for m in range(filters):
+    for m in chosen:
         words[m // 64] |= np.uint64(1) << np.uint64(m % 64)
     return np.broadcast_to(words, (tables, 1 << bits, len(words))).copy().view(np.int64)
+
+
+def all_selected(tables: int, bits: int, filters: int) -> np.ndarray:
+    """Bucket tables in which every bucket holds every filter."""
+    return fixed_selection(tables, bits, filters, range(filters))
 
 
 def tolerance(x, w):
@@ -117,7 +122,7 @@ def make_case(case):
 @pytest.mark.parametrize("g", [ConvGeometry(), ConvGeometry(pads=(1, 1, 1, 1)),
                                ConvGeometry((2, 2), (1, 2, 0, 1)), ConvGeometry((1, 2), (2, 0, 1, 1), (2, 1)),
                                ConvGeometry((2, 1), (0, 0, 0, 0), (1, 2))])
-@pytest.mark.parametrize("channels", [3, 16])  # im2col and per-kernel-entry GEMM paths
+@pytest.mark.parametrize("channels", [3, 16])
 @pytest.mark.parametrize("query", ["mean", "columns"])
 def test_every_filter_selected_equals_ort_conv(g, channels, query):
     rng = np.random.default_rng(0)
@@ -132,7 +137,7 @@ def test_every_filter_selected_equals_ort_conv(g, channels, query):
     np.testing.assert_allclose(y, expected, atol=tolerance(x, w), rtol=1e-4)
 
 
-def test_pointwise_conv_reads_input_in_place():
+def test_pointwise_conv_equals_ort_conv():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 24, 7, 9)).astype(np.float32)
     w = rng.standard_normal((40, 24, 1, 1)).astype(np.float32)
@@ -173,6 +178,106 @@ def test_property_matches_reference(case, query, tables, bits, masked):
     expected, expected_selected = reference_lsh_conv(x, w, b, planes, buckets, g, query, mask)
     np.testing.assert_array_equal(selected, expected_selected)
     np.testing.assert_allclose(y, expected, atol=tolerance(x, w), rtol=1e-4)
+
+
+# --- fixed selections: the CPU micro-kernels' tile and block boundaries ---------------------
+# The CPU kernel computes fewer than 12 selected filters with stride 1 by its row kernel
+# (lanes over windows, 4 filters a pass, 64 windows a chunk) and otherwise by channel tiles of
+# up to 64 filters (16 per vector; gathered from the selection unless every filter is in).
+
+
+def selection_of(kind: str, m: int, rng) -> np.ndarray:
+    if kind == "odd":
+        return np.arange(1, m, 2)
+    if kind == "last":
+        return np.array([m - 1])
+    count = {"few": min(m, 11), "row-limit": min(m, 12), "tile+1": min(m, 17),
+             "two-tiles": min(m, 65), "most": max(1, m - 3)}[kind]
+    return np.sort(rng.choice(m, count, replace=False))
+
+
+def check_fixed_selection(x, w, b, g, chosen, mask=None):
+    m = w.shape[0]
+    planes = np.random.default_rng(7).standard_normal((2, 3, w[0].size + 1)).astype(np.float32)
+    buckets = fixed_selection(2, 3, m, chosen)
+    model = lsh_model(x.shape, w, planes, buckets, b, mask_shape=None if mask is None else mask.shape,
+                      **geometry_attributes(g))
+    y, selected = run(model, {"X": x} | ({} if mask is None else {"CM": mask}))
+    expected_selected = np.zeros(m, bool)
+    expected_selected[chosen] = True
+    np.testing.assert_array_equal(selected, np.broadcast_to(expected_selected, selected.shape))
+    x_seen = x if mask is None else x * mask[:, :, None, None]
+    (dense,) = run(conv_model(x.shape, w, b, g), {"X": x_seen})
+    expected = dense * expected_selected[None, :, None, None]  # unselected: exact zeros
+    np.testing.assert_allclose(y, expected, atol=tolerance(x, w), rtol=1e-4)
+    assert np.all(y[:, ~expected_selected] == 0)
+
+
+@pytest.mark.parametrize("kind", ["odd", "last", "few", "row-limit", "tile+1", "two-tiles", "most"])
+@pytest.mark.parametrize("m", [5, 40, 150])
+@pytest.mark.parametrize("g,kernel", [
+    (ConvGeometry(pads=(1, 1, 1, 1)), (3, 3)),
+    (ConvGeometry(), (1, 1)),
+    (ConvGeometry((2, 2), (1, 0, 2, 1)), (3, 3)),
+    (ConvGeometry((1, 1), (2, 1, 0, 2), (2, 2)), (3, 2)),
+    (ConvGeometry((2, 1), (0, 1, 1, 0), (1, 3)), (2, 3)),
+])
+def test_fixed_selection_equals_conv_on_the_selected_filters(kind, m, g, kernel):
+    rng = np.random.default_rng(m)
+    chosen = selection_of(kind, m, rng)
+    x = rng.standard_normal((2, 7, 13, 11)).astype(np.float32)
+    w = rng.standard_normal((m, 7) + kernel).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32)
+    check_fixed_selection(x, w, b, g, chosen)
+
+
+@pytest.mark.parametrize("kind", ["few", "two-tiles", "most"])
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3)])
+def test_fixed_selection_with_channel_mask(kind, kernel):
+    rng = np.random.default_rng(11)
+    m = 90
+    x = rng.standard_normal((3, 20, 9, 10)).astype(np.float32)
+    w = rng.standard_normal((m, 20) + kernel).astype(np.float32)
+    mask = rng.random((3, 20)) > 0.4
+    mask[1] = True  # one sample reads every channel, the others a subset
+    g = ConvGeometry(pads=(1, 1, 1, 1)) if kernel == (3, 3) else ConvGeometry()
+    check_fixed_selection(x, w, None, g, selection_of(kind, m, rng), mask)
+
+
+@pytest.mark.parametrize("portable", ["0", "1"])
+def test_fixed_selection_portable_helpers(portable, monkeypatch):
+    # COMPRESSOR_LSH_CONV_PORTABLE=1: the phase image and tile gather without AVX-512 (what
+    # other CPUs run), checked on AVX-512 machines too. 150 filters: gathered by permutes up
+    # to 128 filters, by a gather instruction beyond.
+    monkeypatch.setenv("COMPRESSOR_LSH_CONV_PORTABLE", portable)
+    rng = np.random.default_rng(12)
+    for m in (100, 150):
+        x = rng.standard_normal((2, 9, 12, 12)).astype(np.float32)
+        w = rng.standard_normal((m, 9, 3, 3)).astype(np.float32)
+        check_fixed_selection(x, w, None, ConvGeometry((1, 2), (1, 1, 1, 1)), selection_of("two-tiles", m, rng))
+
+
+def test_large_batch_selects_up_front_and_uses_the_pool():
+    # From 16 samples per thread the kernel selects for blocks of 8 samples first (one pass
+    # over the planes per block), then convolves on the pool; a batch not a multiple of 8.
+    import os
+
+    n = 16 * (os.cpu_count() or 1) + 5
+    rng = np.random.default_rng(13)
+    x = np.maximum(rng.standard_normal((n, 6, 12, 12)), 0).astype(np.float32)
+    w = rng.standard_normal((33, 6, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(33).astype(np.float32)
+    g = ConvGeometry(pads=(1, 1, 1, 1))
+    planes, buckets = build_tables(w, b, plane_set(5, 3, 4, 6 * 9 + 1 + 3))
+    y, selected = run(lsh_model(x.shape, w, planes, buckets, b, **geometry_attributes(g)), {"X": x})
+    expected, expected_selected = reference_lsh_conv(x, w, b, planes, buckets, g)
+    # Samples with a projection on a plane may hash either way under another summation order.
+    projections = np.abs(query_projections(query_vectors(x, (3, 3), g), planes)).reshape(n, -1)
+    clear = projections.min(1) / (projections.max(1) + 1e-30) > 1e-4
+    assert clear.mean() > 0.8
+    assert 0 < selected.mean() < 1 and len({row.tobytes() for row in selected}) > 1
+    np.testing.assert_array_equal(selected[clear], expected_selected[clear])
+    np.testing.assert_allclose(y[clear], expected[clear], atol=tolerance(x, w), rtol=1e-4)
 
 
 def test_selection_skips_filters_and_writes_zeros():

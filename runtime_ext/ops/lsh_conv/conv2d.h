@@ -1,5 +1,6 @@
 // What the two LSH convolutions (LSHConv, LSHWindowConv) share: ONNX Conv attributes for 2-D
-// inputs with their validation, the call's sizes, and the CPU im2col both kernels run.
+// inputs with their validation, the call's sizes, the CPU im2col (LSHWindowConv) and the
+// window sums that LSHConv's queries are built from.
 #pragma once
 
 #include <cstdint>
@@ -127,44 +128,6 @@ struct Conv2dShape {
 // padding). channels == nullptr means every channel (count == C).
 void Im2Col(const Conv2dShape& g, const float* image, const int32_t* channels, int64_t count,
             int64_t oh0, int64_t oh1, float* P, int64_t ld);
-
-// The zero-padded input rows that output rows [oh0, oh1) read, for the listed channels
-// (stride_w == 1 only): element (i, r, j) = x[channels[i], oh0 * stride_h - pad_top + r,
-// j - pad_left] at data[(i * rows + r) * width + j], width = OW + (kW - 1) * dilation_w (the
-// padded input's width), followed by slack so a read up to (kW - 1) * dilation_w floats past
-// the last row stays in the buffer.
-struct PaddedRows {
-  const float* data;
-  int64_t rows, width;
-};
-PaddedRows PadRows(const Conv2dShape& g, const float* image, const int32_t* channels,
-                   int64_t count, int64_t oh0, int64_t oh1, std::vector<float>& buffer);
-
-// The patch matrix of output rows [oh0, oh1) over the listed channels, laid out for a GEMM:
-// row k = (i * kH + kh) * kW + kw, column r * row_width + ow for output row oh0 + r.
-// With stride_w == 1 the patches are taken over the whole zero-padded width (row_width =
-// PadRows' width), so each patch row is one contiguous copy of the padded input (a plain
-// im2col makes a short copy per output row); the columns ow >= OW of each output row are junk
-// that callers skip. Otherwise row_width = OW. Returns row_width; P holds count * kH * kW rows
-// of (oh1 - oh0) * row_width columns.
-int64_t Patches(const Conv2dShape& g, const float* image, const int32_t* channels, int64_t count,
-                int64_t oh0, int64_t oh1, std::vector<float>& P, std::vector<float>& padded);
-
-// C[M, N] = A[M, K] x B[K, N] (+ C) through common/gemm.h, cut into products of at most
-// kSmallGemm = M * N * K multiply-adds: OpenBLAS runs those with its small-matrix kernels (no
-// packing), 1.2-2.5x faster than its packed path on the zoo's layer shapes (README.md).
-inline constexpr int64_t kSmallGemm = 1000000;
-void BlockedSgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                  int64_t ldb, float* C, int64_t ldc, bool accumulate);
-
-// Convolution of padded rows (stride 1 only) as one GEMM per kernel entry, with no patch
-// matrix: out[count, rows * width] = sum over (kh, kw) of A_tap [count, channels] x the padded
-// rows shifted by (kh * dilation_h, kw * dilation_w) (ldb = rows * width), where
-// A_tap = taps + tap * tap_stride (rows of `channels` floats). Columns ow >= OW of each output
-// row are junk, as with Patches.
-void ShiftedGemms(const Conv2dShape& g, const PaddedRows& padded, int64_t channels,
-                  const float* taps, int64_t tap_stride, int64_t count, int64_t out_rows,
-                  float* out);
 
 // Window sums per kernel entry, the raw material of LSHConv's queries: for every channel c
 // and kernel entry (kh, kw), column sums over all output rows,

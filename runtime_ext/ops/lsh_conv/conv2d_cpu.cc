@@ -2,13 +2,10 @@
 #include <algorithm>
 #include <cstring>
 
-#include "common/gemm.h"
+#include "common/direct_conv.h"  // COMPRESSOR_CLONES
 #include "ops/lsh_conv/conv2d.h"
 
 namespace compressor {
-
-#define COMPRESSOR_LSH_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 namespace {
 
@@ -26,7 +23,7 @@ void ValidColumns(const Conv2dShape& g, int64_t kw, int64_t* first, int64_t* las
 
 }  // namespace
 
-COMPRESSOR_LSH_CLONES void Im2Col(const Conv2dShape& g, const float* image,
+COMPRESSOR_CLONES void Im2Col(const Conv2dShape& g, const float* image,
                                   const int32_t* channels, int64_t count, int64_t oh0,
                                   int64_t oh1, float* P, int64_t ld) {
   const int64_t OW = g.OW, sw = g.stride_w;
@@ -58,114 +55,7 @@ COMPRESSOR_LSH_CLONES void Im2Col(const Conv2dShape& g, const float* image,
   }
 }
 
-PaddedRows PadRows(const Conv2dShape& g, const float* image, const int32_t* channels,
-                   int64_t count, int64_t oh0, int64_t oh1, std::vector<float>& buffer) {
-  const int64_t rows = oh1 - oh0;
-  const int64_t span_w = (g.kW - 1) * g.dilation_w, width = g.OW + span_w;
-  const int64_t span_h = (g.kH - 1) * g.dilation_h;
-  const int64_t in_rows = (rows - 1) * g.stride_h + span_h + 1, ih0 = oh0 * g.stride_h - g.pad_top;
-  const size_t size = static_cast<size_t>(count * in_rows * width + span_w + 1);
-  if (buffer.size() < size) buffer.resize(size);
-  float* pad = buffer.data();
-  const int64_t first = std::min(width, std::max<int64_t>(0, g.pad_left));
-  const int64_t last = std::max(first, std::min(width, g.W + g.pad_left));  // [first, last) from x
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t c = channels ? channels[i] : i;
-    for (int64_t r = 0; r < in_rows; ++r) {
-      float* out = pad + (i * in_rows + r) * width;
-      const int64_t ih = ih0 + r;
-      if (ih < 0 || ih >= g.H || first == last) {
-        std::memset(out, 0, sizeof(float) * width);
-        continue;
-      }
-      std::memset(out, 0, sizeof(float) * first);
-      std::memcpy(out + first, image + (c * g.H + ih) * g.W + (first - g.pad_left),
-                  sizeof(float) * (last - first));
-      std::memset(out + last, 0, sizeof(float) * (width - last));
-    }
-  }
-  std::memset(pad + count * in_rows * width, 0, sizeof(float) * (span_w + 1));
-  return PaddedRows{pad, in_rows, width};
-}
-
-int64_t Patches(const Conv2dShape& g, const float* image, const int32_t* channels, int64_t count,
-                int64_t oh0, int64_t oh1, std::vector<float>& P, std::vector<float>& padded) {
-  const int64_t rows = oh1 - oh0, kernel = g.kH * g.kW;
-  if (g.stride_w != 1) {
-    if (P.size() < static_cast<size_t>(count * kernel * rows * g.OW)) {
-      P.resize(static_cast<size_t>(count * kernel * rows * g.OW));
-    }
-    Im2Col(g, image, channels, count, oh0, oh1, P.data(), rows * g.OW);
-    return g.OW;
-  }
-  const PaddedRows pad = PadRows(g, image, channels, count, oh0, oh1, padded);
-  const int64_t width = pad.width, cols = rows * width;
-  if (P.size() < static_cast<size_t>(count * kernel * cols)) {
-    P.resize(static_cast<size_t>(count * kernel * cols));
-  }
-  for (int64_t i = 0; i < count; ++i) {
-    for (int64_t kh = 0; kh < g.kH; ++kh) {
-      for (int64_t kw = 0; kw < g.kW; ++kw) {
-        float* out = P.data() + ((i * g.kH + kh) * g.kW + kw) * cols;
-        const float* in = pad.data + (i * pad.rows + kh * g.dilation_h) * width + kw * g.dilation_w;
-        if (g.stride_h == 1) {
-          std::memcpy(out, in, sizeof(float) * cols);
-        } else {
-          for (int64_t r = 0; r < rows; ++r) {
-            std::memcpy(out + r * width, in + r * g.stride_h * width, sizeof(float) * width);
-          }
-        }
-      }
-    }
-  }
-  return width;
-}
-
-void BlockedSgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(float) * N);
-    }
-    return;
-  }
-  // Columns per block so that 8 rows fit the budget, then as many rows as fit.
-  const int64_t cols = std::min(N, std::max<int64_t>(64, kSmallGemm / (8 * K)));
-  const int64_t rows = std::min(M, std::max<int64_t>(8, kSmallGemm / (cols * K) / 8 * 8));
-  for (int64_t i = 0; i < M; i += rows) {
-    const int64_t m = std::min(rows, M - i);
-    for (int64_t j = 0; j < N; j += cols) {
-      const int64_t n = std::min(cols, N - j);
-      Sgemm(static_cast<int>(m), static_cast<int>(n), static_cast<int>(K), A + i * lda,
-            static_cast<int>(lda), B + j, static_cast<int>(ldb), C + i * ldc + j,
-            static_cast<int>(ldc), accumulate);
-    }
-  }
-}
-
-void ShiftedGemms(const Conv2dShape& g, const PaddedRows& padded, int64_t channels,
-                  const float* taps, int64_t tap_stride, int64_t count, int64_t out_rows,
-                  float* out) {
-  const int64_t cols = out_rows * padded.width, ldb = padded.rows * padded.width;
-  // Blocks of filters outside, kernel entries inside: a block's output stays in cache while
-  // the kernel entries accumulate into it.
-  const int64_t rows = std::min(count, std::max<int64_t>(
-      8, kSmallGemm / (std::max<int64_t>(1, cols) * std::max<int64_t>(1, channels)) / 8 * 8));
-  for (int64_t i = 0; i < count; i += rows) {
-    const int64_t m = std::min(rows, count - i);
-    for (int64_t kh = 0; kh < g.kH; ++kh) {
-      for (int64_t kw = 0; kw < g.kW; ++kw) {
-        const int64_t tap = kh * g.kW + kw;
-        BlockedSgemm(m, cols, channels, taps + tap * tap_stride + i * channels, channels,
-                     padded.data + kh * g.dilation_h * padded.width + kw * g.dilation_w, ldb,
-                     out + i * cols, cols, /*accumulate=*/tap > 0);
-      }
-    }
-  }
-}
-
-COMPRESSOR_LSH_CLONES void WindowColumnSums(const Conv2dShape& g, const float* image,
+COMPRESSOR_CLONES void WindowColumnSums(const Conv2dShape& g, const float* image,
                                             const bool* skip, float* S,
                                             std::vector<float>& scratch, int64_t c0,
                                             int64_t c1) {
