@@ -232,6 +232,22 @@ struct WindowMask {
   }
 };
 
+// out[b] = sum over the positions of x times mask row b, for B mask rows (stride `padded`):
+// the channel's vectors are loaded once for the B rows. `tail` is x's last partial vector,
+// zero-padded.
+template <int B>
+COMPRESSOR_INLINE void MaskedDots(const float* x, Vec16 tail, int64_t full, int64_t vectors,
+                                  const float* mask, int64_t padded, float* out) {
+  Vec16 acc[B] = {};
+  for (int64_t j = 0; j < vectors; ++j) {
+    const Vec16 xv = j < full ? Load16(x + j * kLanes) : tail;
+#pragma GCC unroll 8
+    for (int b = 0; b < B; ++b) acc[b] += xv * Load16(mask + b * padded + j * kLanes);
+  }
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) out[b] = HorizontalSum(acc[b]);
+}
+
 // S[c * entries + e] = the window sum of entry e of channel c (0 for skipped channels).
 COMPRESSOR_CLONES void MaskedSums(const WindowMask& m, const float* image, int64_t C,
                                   const bool* skip, float* S) {
@@ -247,18 +263,16 @@ COMPRESSOR_CLONES void MaskedSums(const WindowMask& m, const float* image, int64
       const float* x = image + c * P;
       Vec16 tail = {};  // the last partial vector, zero-padded (no read past the channel)
       for (int64_t i = full * kLanes; i < P; ++i) tail[i - full * kLanes] = x[i];
-      for (int64_t e0 = 0; e0 < E; e0 += 8) {
-        const int64_t block = std::min<int64_t>(8, E - e0);
-        const float* mask = m.mask.data() + e0 * padded;
-        Vec16 acc[8] = {};
-        for (int64_t j = 0; j < vectors; ++j) {
-          const Vec16 xv = j < full ? Load16(x + j * kLanes) : tail;
-#pragma GCC unroll 8
-          for (int b = 0; b < 8; ++b) {
-            if (b < block) acc[b] += xv * Load16(mask + b * padded + j * kLanes);
-          }
-        }
-        for (int64_t b = 0; b < block; ++b) out[e0 + b] = HorizontalSum(acc[b]);
+      int64_t e0 = 0;
+      for (; e0 + 6 <= E; e0 += 6) MaskedDots<6>(x, tail, full, vectors, m.mask.data() + e0 * padded, padded, out + e0);
+      const float* mask = m.mask.data() + e0 * padded;
+      switch (E - e0) {
+        case 5: MaskedDots<5>(x, tail, full, vectors, mask, padded, out + e0); break;
+        case 4: MaskedDots<4>(x, tail, full, vectors, mask, padded, out + e0); break;
+        case 3: MaskedDots<3>(x, tail, full, vectors, mask, padded, out + e0); break;
+        case 2: MaskedDots<2>(x, tail, full, vectors, mask, padded, out + e0); break;
+        case 1: MaskedDots<1>(x, tail, full, vectors, mask, padded, out + e0); break;
+        default: break;
       }
     }
     return;
