@@ -55,7 +55,8 @@ def _prune(opts, calibration):
     if opts.criterion in ("activation", "reconstruction") and calibration is None:
         raise OptionError(f"--criterion {opts.criterion} needs calibration data: pass --data")
     cfg = PruneConfig(ratio=opts.ratio, criterion=opts.criterion, ranking=opts.ranking,
-                      min_channels_fraction=opts.min_channels_fraction, refit=opts.refit,
+                      min_channels_fraction=opts.min_channels_fraction,
+                      channel_multiple=opts.channel_multiple, refit=opts.refit,
                       lsh_bits=6 if opts.lsh_bits is None else opts.lsh_bits,
                       lsh_tables=4 if opts.lsh_tables is None else opts.lsh_tables,
                       seed=opts.seed)

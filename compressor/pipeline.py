@@ -66,6 +66,10 @@ class CompressOptions:
     criterion: str = "l1"
     ranking: str = "global"
     min_channels_fraction: float = 0.1
+    # Kept channel counts are multiples of this: onnxruntime's blocked convs run pruned
+    # layers with other counts on a slower path (resnet20 at half the MACs: 0.66x the
+    # original's batch-64 speed at 1, 1.0x at 8, 1.65x at 16; see docs/BENCHMARKS.md).
+    channel_multiple: int = 8
     lsh_bits: int | None = None
     lsh_tables: int | None = None
     asymmetric: bool = False
@@ -79,6 +83,8 @@ class CompressOptions:
             )
         if self.calib_samples < 1:
             raise OptionError(f"--calib-samples must be >= 1, got {self.calib_samples}")
+        if self.channel_multiple < 1:
+            raise OptionError(f"--channel-multiple must be >= 1, got {self.channel_multiple}")
 
 
 @dataclass

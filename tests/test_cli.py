@@ -11,7 +11,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from compressor import runtime
+from compressor import io, runtime
 from compressor.cli import compress_command, main
 from compressor.models import zoo
 from compressor.pipeline import read_recipe
@@ -60,6 +60,30 @@ def test_compress_every_zoo_model(arch, method, tmp_path):
     x = np.load(CALIB)["x"][:8].astype(np.float32) / 255
     sess = runtime.session(proto)
     assert sess.run(None, {sess.get_inputs()[0].name: x})[0].shape == (8, 10)
+
+
+def _conv_widths(proto: onnx.ModelProto) -> list[int]:
+    inits = {t.name: t for t in proto.graph.initializer}
+    return [inits[n.input[1]].dims[0] for n in proto.graph.node
+            if n.op_type == "Conv" and n.input[1] in inits]
+
+
+@pytest.mark.parametrize("multiple", [1, 8, 16])
+def test_prune_keeps_channel_counts_in_multiples(multiple, tmp_path):
+    """--channel-multiple (default 8): every pruned conv keeps a multiple of it (onnxruntime's
+    blocked kernels), except layers narrower than the multiple, which keep their width."""
+    original = _conv_widths(io.load_model(zoo.get("resnet20").checkpoint, arch="resnet20").proto)
+    out = tmp_path / "m.onnx"
+    args = ["compress", zoo.get("resnet20").checkpoint, "--arch", "resnet20", "-m", "prune",
+            "--ratio", "0.5", "-o", out, "--json", "--channel-multiple", multiple]
+    result = invoke(*(args if multiple != 8 else args[:-2]))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["ratio_reached"] <= 0.5 * 1.02
+    widths = _conv_widths(onnx.load(out))
+    assert len(widths) == len(original) and sum(widths) < sum(original)  # pruned, not removed
+    assert all(w % multiple == 0 for w in widths if w >= multiple), widths
+    if multiple == 1:  # the finest pruning leaves some width that no coarser multiple allows
+        assert any(w % 8 for w in widths), widths
 
 
 @pytest.mark.slow
@@ -257,6 +281,12 @@ def test_inspect_shows_layers_and_recipe(tmp_path):
             ["compress", "{ckpt}", "--arch", "mlp", "-m", "lsh", "--lsh-bits", "0", "-o",
              "o.onnx"],
             "--lsh-bits must be in",
+            2,
+        ),
+        (
+            ["compress", "{ckpt}", "--arch", "mlp", "-m", "prune", "--channel-multiple", "0",
+             "-o", "o.onnx"],
+            "--channel-multiple must be >= 1",
             2,
         ),
     ],
