@@ -330,7 +330,8 @@ COMPRESSOR_CLONES void ProjectRows(const float* A, int64_t rows, int64_t cols, c
 // positions [0, rows * length) are every window of the unit plus (kW - 1) * dilation_w junk
 // ones per row, computed and dropped. For F filters and chunks of 4 vectors (64 positions):
 // out[f][p] = sum over active channels j and entries e of phase[j][p + offset[e]] *
-// weights[f][channel j][e]. The phase image needs 64 floats of slack past its end.
+// weights[f][channel j][e]. The phase image needs 64 + (kW - 1) * dilation_w floats of slack
+// past its end (read by junk lanes only).
 constexpr int kRowVectors = 4;
 constexpr int kRowFilters = 4;
 constexpr int64_t kRowChunk = kRowVectors * kLanes;
@@ -723,13 +724,15 @@ class LshConvCpuKernel {
     const int64_t E = static_cast<int64_t>(order.kh.size()), K = s.active * E;
     const PhaseLayout layout = PhaseLayout::Make(direct, oh0, oh1);
     const EntryOffsets entry = MakeEntryOffsets(direct, layout, order);
-    const int64_t image_size = s.active * layout.Size();
-    float* phase_image = Scratch(scratch.phase_image, static_cast<size_t>(image_size + kRowChunk));
+    // The row kernel's junk lanes of the last chunk read up to a chunk plus a kernel row's
+    // span past the last channel: slack, zeroed.
+    const int64_t image_size = s.active * layout.Size(), slack = kRowChunk + g.kW * g.dilation_w;
+    float* phase_image = Scratch(scratch.phase_image, static_cast<size_t>(image_size + slack));
     BuildPhaseImage(direct, layout, in.x + n * g.C * g.H * g.W,
                     s.active == g.C ? nullptr : s.channels.data(), s.active, phase_image, avx512_);
 
     if (UseRowKernel(g, s.count)) {
-      std::memset(phase_image + image_size, 0, sizeof(float) * kRowChunk);  // read by junk lanes
+      std::memset(phase_image + image_size, 0, sizeof(float) * slack);
       const int64_t positions = rows * layout.length, stride = RoundUp(positions, kRowChunk);
       float* buffer = Scratch(scratch.out, static_cast<size_t>(kRowFilters * stride));
       for (int64_t i0 = 0; i0 < s.count; i0 += kRowFilters) {
