@@ -181,9 +181,10 @@ def test_property_matches_reference(case, query, tables, bits, masked):
 
 
 # --- fixed selections: the CPU micro-kernels' tile and block boundaries ---------------------
-# The CPU kernel computes fewer than 12 selected filters with stride 1 by its row kernel
-# (lanes over windows, 4 filters a pass, 64 windows a chunk) and otherwise by channel tiles of
-# up to 64 filters (16 per vector; gathered from the selection unless every filter is in).
+# With stride 1 the CPU kernel computes fewer than 12 selected filters, or any number when an
+# output has at most 32 multiply-adds (7 channels 1x1 here), by its row kernel (lanes over
+# windows, 4 filters a pass, 64 windows a chunk), and otherwise by channel tiles of up to 64
+# filters (16 per vector; gathered from the selection unless every filter is in).
 
 
 def selection_of(kind: str, m: int, rng) -> np.ndarray:

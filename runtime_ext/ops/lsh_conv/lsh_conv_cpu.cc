@@ -12,7 +12,8 @@
 //   2. for its rows: a direct convolution on the phase image of the active channels
 //      (common/direct_conv.h): channel tiles of selected filters through DiffConv's
 //      micro-kernel and a transposing store into their output channels, or, for stride 1 and
-//      few selected filters, the row kernel below (lanes over windows, weights broadcast);
+//      few selected filters or few input channels, the row kernel below (lanes over windows,
+//      weights broadcast);
 //      unselected filters' rows are zero.
 // With every filter selected and every channel active the tiles packed at session creation
 // (constant weight) or once per call are used as they are.
@@ -71,12 +72,18 @@ struct ConvScratch {
   std::vector<float*> outs;
 };
 
-// Which micro-kernel computes `count` selected filters: the row kernel for stride 1 when a
-// channel tile of 16 would be mostly padding (fewer than kRowKernelMaxFilters filters), else
-// the channel tiles (faster from 16 filters on the zoo's layers, measured).
+// Which micro-kernel computes `count` selected filters over `active` input channels: the row
+// kernel for stride 1 when a channel tile of 16 would be mostly padding (fewer than
+// kRowKernelMaxFilters filters) or when each output has so few multiply-adds (at most
+// kRowKernelMaxDepth = active kH kW) that the channel tiles' window-major buffer and
+// transposing store dominate; else the channel tiles. Both measured on the zoo's layers (e.g.
+// batch 64, f=1: 16->96 1x1 @28x28 2.7x faster by rows, 1->32 3x3 @28x28 1.8x; 16 filters
+// of 16->16 3x3 @28x28 faster by tiles).
 constexpr int64_t kRowKernelMaxFilters = 12;
-bool UseRowKernel(const Conv2dShape& g, int64_t count) {
-  return g.stride_h == 1 && g.stride_w == 1 && count < kRowKernelMaxFilters;
+constexpr int64_t kRowKernelMaxDepth = 32;
+bool UseRowKernel(const Conv2dShape& g, int64_t count, int64_t active) {
+  return g.stride_h == 1 && g.stride_w == 1 &&
+         (count < kRowKernelMaxFilters || active * g.kH * g.kW <= kRowKernelMaxDepth);
 }
 
 // Every Compute call gets a distinct id, so a thread's SampleState never outlives its call.
@@ -594,7 +601,7 @@ class LshConvCpuKernel {
       if (in.channel_mask == nullptr || in.channel_mask[n * g.C + c]) channels[s.active++] = static_cast<int32_t>(c);
     }
     if (s.count == 0 || s.active == 0 || (s.count == g.M && s.active == g.C) ||
-        UseRowKernel(g, s.count)) {
+        UseRowKernel(g, s.count, s.active)) {
       return;
     }
     const int64_t E = static_cast<int64_t>(order.kh.size());
@@ -702,7 +709,7 @@ class LshConvCpuKernel {
     }
 
     // Blocks of rows whose output buffer stays in L1.
-    const bool row_kernel = UseRowKernel(g, s.count);
+    const bool row_kernel = UseRowKernel(g, s.count, s.active);
     const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) *
                               (row_kernel ? kRowFilters * (g.OW + (g.kW - 1) * g.dilation_w)
                                           : g.OW * std::min(kTileWidth, RoundUp(s.count, kLanes)));
@@ -731,7 +738,7 @@ class LshConvCpuKernel {
     BuildPhaseImage(direct, layout, in.x + n * g.C * g.H * g.W,
                     s.active == g.C ? nullptr : s.channels.data(), s.active, phase_image, avx512_);
 
-    if (UseRowKernel(g, s.count)) {
+    if (UseRowKernel(g, s.count, s.active)) {
       std::memset(phase_image + image_size, 0, sizeof(float) * slack);
       const int64_t positions = rows * layout.length, stride = RoundUp(positions, kRowChunk);
       float* buffer = Scratch(scratch.out, static_cast<size_t>(kRowFilters * stride));
