@@ -253,21 +253,26 @@ COMPRESSOR_CLONES void StoreTransposed(const StoreCall& a) {
 // k = (c, kh, kw) of `channels` input channels from channel c0 the input value times the
 // packed weight vector wp[k] (wp: [c0's first entry][NV*16]), and stores (or with
 // `accumulate`, adds) the P x NV*16 results at out[p]. Accumulators live in registers.
-template <int NV, int P>
+// kConsecutive: window p starts at window[0] + p and its output is out[0] + p * out_stride,
+// so one address register serves every window (with P distinct addresses and NV = 1, 12 of
+// them, the address registers run out and spill).
+template <int NV, int P, bool kConsecutive>
 COMPRESSOR_INLINE void ConvWindows(const float* const* window, int64_t window_offset,
                                    const float* wp, const int64_t* offsets,
                                    int64_t entries_per_channel, int64_t channels,
-                                   int64_t channel_stride, bool accumulate, float* const* out) {
+                                   int64_t channel_stride, bool accumulate, float* const* out,
+                                   int64_t out_stride) {
   constexpr int64_t kWidth = NV * kLanes;
+  auto output = [&](int p) { return kConsecutive ? out[0] + p * out_stride : out[p]; };
   Vec16 acc[P][NV];
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[p][v] = accumulate ? Load16(out[p] + v * kLanes) : Vec16{};
+    for (int v = 0; v < NV; ++v) acc[p][v] = accumulate ? Load16(output(p) + v * kLanes) : Vec16{};
   }
-  const float* base[P];
+  const float* base[kConsecutive ? 1 : P];
 #pragma GCC unroll 16
-  for (int p = 0; p < P; ++p) base[p] = window[p] + window_offset;
+  for (int p = 0; p < (kConsecutive ? 1 : P); ++p) base[p] = window[p] + window_offset;
   for (int64_t c = 0; c < channels; ++c) {
     for (int64_t t = 0; t < entries_per_channel; ++t, wp += kWidth) {
       const int64_t o = offsets[t];
@@ -276,34 +281,36 @@ COMPRESSOR_INLINE void ConvWindows(const float* const* window, int64_t window_of
       for (int v = 0; v < NV; ++v) w[v] = Load16(wp + v * kLanes);
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
-        const float s = base[p][o];
+        const float s = kConsecutive ? base[0][o + p] : base[p][o];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[p][v] += s * w[v];
       }
     }
 #pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) base[p] += channel_stride;
+    for (int p = 0; p < (kConsecutive ? 1 : P); ++p) base[p] += channel_stride;
   }
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) Store16(out[p] + v * kLanes, acc[p][v]);
+    for (int v = 0; v < NV; ++v) Store16(output(p) + v * kLanes, acc[p][v]);
   }
 }
 
 // The micro-kernel for r <= R windows (R a compile-time bound).
-template <int NV, int R>
+template <int NV, int R, bool kConsecutive>
 COMPRESSOR_INLINE void ConvSome(int64_t r, const float* const* window, int64_t window_offset,
                                 const float* wp, const int64_t* offsets,
                                 int64_t entries_per_channel, int64_t channels,
-                                int64_t channel_stride, bool accumulate, float* const* out) {
+                                int64_t channel_stride, bool accumulate, float* const* out,
+                                int64_t out_stride) {
   if constexpr (R > 0) {
     if (r == R) {
-      ConvWindows<NV, R>(window, window_offset, wp, offsets, entries_per_channel, channels,
-                         channel_stride, accumulate, out);
+      ConvWindows<NV, R, kConsecutive>(window, window_offset, wp, offsets, entries_per_channel,
+                                       channels, channel_stride, accumulate, out, out_stride);
     } else {
-      ConvSome<NV, R - 1>(r, window, window_offset, wp, offsets, entries_per_channel, channels,
-                          channel_stride, accumulate, out);
+      ConvSome<NV, R - 1, kConsecutive>(r, window, window_offset, wp, offsets,
+                                        entries_per_channel, channels, channel_stride,
+                                        accumulate, out, out_stride);
     }
   }
 }
@@ -311,12 +318,13 @@ COMPRESSOR_INLINE void ConvSome(int64_t r, const float* const* window, int64_t w
 // Runs the micro-kernel over a list of windows in as few calls as P allows, with the windows
 // spread evenly over the calls: a call on 1 or 2 windows would wait on its few accumulators
 // and on the weights it streams (e.g. 7 windows go as 4 + 3, not 6 + 1). Input channels go in
-// blocks whose weights fit in L1, every window of the list per block.
-template <int NV>
+// blocks whose weights fit in L1, every window of the list per block. kConsecutive: the list
+// is window[0] + i, output out[0] + i * out_stride, for i < count.
+template <int NV, bool kConsecutive>
 COMPRESSOR_INLINE void ConvWindowList(const float* const* window, float* const* out,
                                       int64_t count, const float* wp, const int64_t* offsets,
                                       int64_t entries_per_channel, int64_t channels,
-                                      int64_t channel_stride) {
+                                      int64_t channel_stride, int64_t out_stride) {
   constexpr int P = WindowsPerCall<NV>();
   constexpr int64_t kWidth = NV * kLanes;
   const int64_t calls = CeilDiv(count, P);
@@ -328,19 +336,34 @@ COMPRESSOR_INLINE void ConvWindowList(const float* const* window, float* const* 
     int64_t i = 0;
     for (int64_t call = 0; call < calls; ++call) {
       const int64_t r = count / calls + (call < count % calls ? 1 : 0);
-      ConvSome<NV, P>(r, window + i, c0 * channel_stride, wb, offsets, entries_per_channel,
-                      c1 - c0, channel_stride, c0 > 0, out + i);
+      const float* first_window = kConsecutive ? window[0] + i : nullptr;
+      float* first_out = kConsecutive ? out[0] + i * out_stride : nullptr;
+      ConvSome<NV, P, kConsecutive>(r, kConsecutive ? &first_window : window + i,
+                                    c0 * channel_stride, wb, offsets, entries_per_channel,
+                                    c1 - c0, channel_stride, c0 > 0,
+                                    kConsecutive ? &first_out : out + i, out_stride);
       i += r;
     }
   }
 }
 
+template <int NV>
+COMPRESSOR_INLINE void ConvTile(const ConvCall& a) {
+  if (a.consecutive) {
+    ConvWindowList<NV, true>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel,
+                             a.channels, a.channel_stride, a.out_stride);
+  } else {
+    ConvWindowList<NV, false>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel,
+                              a.channels, a.channel_stride, 0);
+  }
+}
+
 COMPRESSOR_CLONES void RunConv(const ConvCall& a) {
   switch (a.nv) {
-    case 4: ConvWindowList<4>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
-    case 3: ConvWindowList<3>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
-    case 2: ConvWindowList<2>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
-    default: ConvWindowList<1>(a.window, a.out, a.count, a.wp, a.offsets, a.entries_per_channel, a.channels, a.channel_stride); break;
+    case 4: ConvTile<4>(a); break;
+    case 3: ConvTile<3>(a); break;
+    case 2: ConvTile<2>(a); break;
+    default: ConvTile<1>(a); break;
   }
 }
 

@@ -178,6 +178,8 @@ void StoreTransposed(const StoreCall& a);
 // float in the phase image, entry (c = 0, kh = 0, kw = 0)) for one tile of nv * 16 output
 // channels: out[i][0, 16 * nv) = sum over the kernel entries (c, kh, kw) of `channels` input
 // channels of the input value times the packed weight vector wp[k] ([c][entry][16 * nv]).
+// With `consecutive`, the list is implicit: window i starts at window[0] + i and writes
+// out[0] + i * out_stride (stride-1 windows taken row after row, padding columns included).
 struct ConvCall {
   const float* const* window;
   float* const* out;
@@ -186,6 +188,8 @@ struct ConvCall {
   const int64_t* offsets;  // EntryOffsets::offset
   int64_t entries_per_channel, channels, channel_stride;
   int nv;
+  bool consecutive = false;
+  int64_t out_stride = 0;
 };
 void RunConv(const ConvCall& a);
 

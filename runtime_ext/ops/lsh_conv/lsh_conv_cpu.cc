@@ -710,9 +710,11 @@ class LshConvCpuKernel {
 
     // Blocks of rows whose output buffer stays in L1.
     const bool row_kernel = UseRowKernel(g, s.count, s.active);
+    const int64_t padded_row = g.OW + (g.kW - 1) * g.dilation_w;  // stride 1: windows per row, junk included
     const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) *
-                              (row_kernel ? kRowFilters * (g.OW + (g.kW - 1) * g.dilation_w)
-                                          : g.OW * std::min(kTileWidth, RoundUp(s.count, kLanes)));
+                              (row_kernel ? kRowFilters * padded_row
+                                          : (g.stride_h == 1 && g.stride_w == 1 ? padded_row : g.OW) *
+                                                std::min(kTileWidth, RoundUp(s.count, kLanes)));
     const int64_t block_rows = std::max<int64_t>(1, kBufferBytes / row_bytes);
     for (int64_t r0 = oh0; r0 < oh1; r0 += block_rows) {
       ConvolveBlock(g, direct, order, in, n, r0, std::min(oh1, r0 + block_rows), packed, s, y);
@@ -764,23 +766,35 @@ class LshConvCpuKernel {
     const bool every = s.count == g.M && s.active == g.C;
     const float* tiles = every ? packed.tiles.data() : s.tiles.data();
 
-    // Output buffer: window-major, [rows][OW][width], width = the widest tile.
+    // Output buffer: window-major, [rows][OW][width], width = the widest tile. With stride 1
+    // the windows go to the micro-kernel as one run of consecutive phase-image positions,
+    // row after row with the padding columns' junk windows in between (computed, never
+    // stored): one address register for all of a call's windows instead of one each.
+    const bool consecutive = g.stride_h == 1 && g.stride_w == 1;
     const int64_t width = std::min(kTileWidth, RoundUp(s.count, kLanes));
-    const int64_t row_stride = g.OW * width;
+    const int64_t row_stride = (consecutive ? layout.length : g.OW) * width;
     float* buffer = Scratch(scratch.out, static_cast<size_t>(rows * row_stride));
-    const float** windows = Scratch(scratch.windows, static_cast<size_t>(cols));
-    float** outs = Scratch(scratch.outs, static_cast<size_t>(cols));
-    for (int64_t row = 0, k = 0; row < rows; ++row) {
-      for (int64_t ow = 0; ow < g.OW; ++ow, ++k) {
-        windows[k] = phase_image + row * g.stride_h * layout.RowStride() + ow;
-        outs[k] = buffer + row * row_stride + ow * width;
+    const float** windows = Scratch(scratch.windows, static_cast<size_t>(consecutive ? 1 : cols));
+    float** outs = Scratch(scratch.outs, static_cast<size_t>(consecutive ? 1 : cols));
+    int64_t listed = 1;
+    if (consecutive) {
+      windows[0] = phase_image;
+      outs[0] = buffer;
+      listed = (rows - 1) * layout.length + g.OW;
+    } else {
+      for (int64_t row = 0, k = 0; row < rows; ++row) {
+        for (int64_t ow = 0; ow < g.OW; ++ow, ++k) {
+          windows[k] = phase_image + row * g.stride_h * layout.RowStride() + ow;
+          outs[k] = buffer + row * row_stride + ow * width;
+        }
       }
+      listed = cols;
     }
     for (int64_t m0 = 0; m0 < s.count; m0 += kTileWidth) {
       const int64_t tile_filters = std::min(kTileWidth, s.count - m0);
-      RunConv(ConvCall{windows, outs, cols, tiles + (m0 / kTileWidth) * K * kTileWidth,
+      RunConv(ConvCall{windows, outs, listed, tiles + (m0 / kTileWidth) * K * kTileWidth,
                        entry.offset.data(), E, s.active, layout.ChannelStride(),
-                       static_cast<int>(CeilDiv(tile_filters, kLanes))});
+                       static_cast<int>(CeilDiv(tile_filters, kLanes)), consecutive, width});
       if (s.count == g.M) {  // output channels m0.. in order
         StoreTransposed(StoreCall{buffer, row_stride, width, g.OW, cols, tile_filters, plane,
                                   in.bias ? in.bias + m0 : nullptr, out + m0 * plane});
