@@ -59,6 +59,8 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) bench/bench_compression.py
 	$(PY) bench/bench_structural.py
+	$(PY) bench/bench_diffconv.py
+	$(PY) bench/bench_lsh_conv.py
 
 clean:
 	rm -rf build $(VENV)
