@@ -20,52 +20,23 @@
 #include <vector>
 
 #include "common/ort_op.h"
+#include "ops/lsh_conv/conv2d.h"
 
 namespace compressor {
 
 inline constexpr const char* kDiffConvName = "DiffConv";
 
-struct DiffConvAttributes {
-  std::vector<int64_t> strides{1, 1};
-  std::vector<int64_t> pads{0, 0, 0, 0};  // top, left, bottom, right
-  std::vector<int64_t> dilations{1, 1};
-  std::vector<int64_t> kernel_shape;      // empty: taken from W
+// Conv's attributes (validated as for the LSH ops), plus threshold and restart.
+struct DiffConvAttributes : Conv2dAttributes {
   float threshold = 0.0f;
   int64_t restart = 16;
 
   // Reads and validates the node's attributes; throws OpError naming the bad one.
   static DiffConvAttributes Read(const OrtKernelInfo* info) {
     DiffConvAttributes a;
-    a.strides = AttributeInts(info, "strides", a.strides);
-    a.pads = AttributeInts(info, "pads", a.pads);
-    a.dilations = AttributeInts(info, "dilations", a.dilations);
-    a.kernel_shape = AttributeInts(info, "kernel_shape", {});
+    static_cast<Conv2dAttributes&>(a) = Conv2dAttributes::Read(info);
     a.threshold = AttributeFloat(info, "threshold", a.threshold);
     a.restart = AttributeInt(info, "restart", a.restart);
-    const int64_t group = AttributeInt(info, "group", 1);
-    const std::string auto_pad = AttributeString(info, "auto_pad", "NOTSET");
-    if (group != 1) {
-      throw OpError("group=" + std::to_string(group) + " is not supported (only group=1)",
-                    ORT_NOT_IMPLEMENTED);
-    }
-    if (auto_pad != "NOTSET") {
-      throw OpError("auto_pad=" + auto_pad + " is not supported: give explicit pads",
-                    ORT_NOT_IMPLEMENTED);
-    }
-    if (a.strides.size() != 2 || a.strides[0] < 1 || a.strides[1] < 1) {
-      throw OpError("strides must be 2 positive ints, got " + ShapeString(a.strides));
-    }
-    if (a.dilations.size() != 2 || a.dilations[0] < 1 || a.dilations[1] < 1) {
-      throw OpError("dilations must be 2 positive ints, got " + ShapeString(a.dilations));
-    }
-    if (a.pads.size() != 4 || a.pads[0] < 0 || a.pads[1] < 0 || a.pads[2] < 0 || a.pads[3] < 0) {
-      throw OpError("pads must be 4 non-negative ints [top, left, bottom, right], got " +
-                    ShapeString(a.pads));
-    }
-    if (!a.kernel_shape.empty() &&
-        (a.kernel_shape.size() != 2 || a.kernel_shape[0] < 1 || a.kernel_shape[1] < 1)) {
-      throw OpError("kernel_shape must be 2 positive ints, got " + ShapeString(a.kernel_shape));
-    }
     if (!std::isfinite(a.threshold) || a.threshold < 0.0f) {
       throw OpError("threshold must be a finite float >= 0, got " + std::to_string(a.threshold));
     }

@@ -1,6 +1,6 @@
 // What the two LSH convolutions (LSHConv, LSHWindowConv) share: ONNX Conv attributes for 2-D
-// inputs with their validation, the call's sizes, the CPU im2col (LSHWindowConv) and the
-// window sums that LSHConv's queries are built from.
+// inputs with their validation (DiffConv's attributes extend them too), the call's sizes, the
+// CPU im2col (LSHWindowConv) and the window sums that LSHConv's queries are built from.
 #pragma once
 
 #include <cstdint>
