@@ -180,11 +180,42 @@ def test_property_matches_reference(case, query, tables, bits, masked):
     np.testing.assert_allclose(y, expected, atol=tolerance(x, w), rtol=1e-4)
 
 
+
+# The mean query's window sums at stride 1 come from ranges of rows and columns (the total
+# minus the edges outside each kernel entry's range): pads of every size, dilations, and
+# kernel rows or columns that read nothing at all.
+@pytest.mark.parametrize("size, kernel, pads, dilations", [
+    ((28, 28), (3, 3), (1, 1, 1, 1), (1, 1)),
+    ((13, 9), (3, 5), (0, 2, 3, 1), (1, 1)),
+    ((11, 12), (3, 3), (2, 2, 2, 2), (2, 3)),
+    ((2, 2), (3, 3), (3, 3, 3, 3), (3, 3)),  # the first kernel row and column read only padding
+    ((7, 7), (1, 1), (0, 0, 0, 0), (1, 1)),
+    ((5, 17), (5, 1), (4, 0, 0, 0), (1, 1)),
+])
+def test_mean_query_window_sums_at_stride_1_match_reference(size, kernel, pads, dilations):
+    g = ConvGeometry((1, 1), pads, dilations)
+    for seed in range(20):  # the first inputs whose projections keep clear of the planes
+        rng = np.random.default_rng(seed)
+        x = np.maximum(rng.standard_normal((3, 6, *size)), 0).astype(np.float32)
+        w = rng.standard_normal((40, 6, *kernel)).astype(np.float32)
+        planes, buckets = build_tables(w, None, plane_set(seed, 6, 5, w[0].size + 1 + 3))
+        if margin(x, w, planes, g, "mean") > 1e-3:
+            break
+    else:
+        pytest.fail("no input clear of the planes")
+    model = lsh_model(x.shape, w, planes, buckets, query="mean", **geometry_attributes(g))
+    y, selected = run(model, {"X": x})
+    expected, expected_selected = reference_lsh_conv(x, w, None, planes, buckets, g, "mean", None)
+    np.testing.assert_array_equal(selected, expected_selected)
+    assert 0 < selected.mean() < 1
+    np.testing.assert_allclose(y, expected, atol=tolerance(x, w), rtol=1e-4)
+
 # --- fixed selections: the CPU micro-kernels' tile and block boundaries ---------------------
 # With stride 1 the CPU kernel computes fewer than 12 selected filters, or any number when an
 # output has at most 32 multiply-adds (7 channels 1x1 here), by its row kernel (lanes over
-# windows, 4 filters a pass, 64 windows a chunk), and otherwise by channel tiles of up to 64
-# filters (16 per vector; gathered from the selection unless every filter is in).
+# windows, up to 8 filters a pass in even groups, 48 or 64 windows a chunk), and otherwise by
+# channel tiles of up to 64 filters (16 per vector; gathered from the selection unless every
+# filter is in).
 
 
 def selection_of(kind: str, m: int, rng) -> np.ndarray:

@@ -312,6 +312,17 @@ constexpr int64_t kProjectBlock = 8;
 COMPRESSOR_CLONES void ProjectRows(const float* A, int64_t rows, int64_t cols, const float* X,
                                    int64_t ldx, int64_t count, float* Y) {
   const int64_t full = cols / kLanes;
+  if (full == 0) {  // short rows (a first layer's few inputs): no vectors to sum across
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* a = A + r * cols;
+      for (int64_t i = 0; i < count; ++i) {
+        float total = 0.0f;
+        for (int64_t k = 0; k < cols; ++k) total += a[k] * X[i * ldx + k];
+        Y[i * rows + r] = total;
+      }
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const float* a = A + r * cols;
     Vec16 acc[kProjectBlock] = {};
@@ -335,43 +346,69 @@ COMPRESSOR_CLONES void ProjectRows(const float* A, int64_t rows, int64_t cols, c
 // filters' weights are read where they are (no tiles to gather). With stride 1 the phase
 // image has one phase and window (row, ow) of the unit starts at position row * length + ow:
 // positions [0, rows * length) are every window of the unit plus (kW - 1) * dilation_w junk
-// ones per row, computed and dropped. For F filters and chunks of 4 vectors (64 positions):
+// ones per row, computed and dropped. For F filters and chunks of V vectors (16 V positions):
 // out[f][p] = sum over active channels j and entries e of phase[j][p + offset[e]] *
-// weights[f][channel j][e]. The phase image needs 64 + (kW - 1) * dilation_w floats of slack
-// past its end (read by junk lanes only).
-constexpr int kRowVectors = 4;
-constexpr int kRowFilters = 4;
-constexpr int64_t kRowChunk = kRowVectors * kLanes;
+// weights[f][channel j][e]. F V = 24 accumulators (F <= 6: V = 4; else V = 3) stay in
+// registers: each step loads V input vectors (mostly split across cache lines, so twice the
+// load slots) and F broadcasts for F V multiply-adds; wider groups need fewer load slots per
+// multiply-add (4 filters x 4 vectors ran at about 0.8 multiply-add vectors a cycle, load
+// bound, on a core that issues 2) and read the phase image fewer times. The phase image needs
+// kRowChunk + (kW - 1) * dilation_w floats of slack past its end (read by junk lanes only).
+constexpr int kRowFilters = 8;
+constexpr int64_t kRowChunk = 4 * kLanes;  // the longest chunk
+constexpr int64_t kRowStrideMultiple = 192;  // a multiple of every chunk (48 and 64 floats)
+constexpr int RowVectors(int filters) { return filters <= 6 ? 4 : 3; }
 
-template <int F>
+template <int F, int V = RowVectors(F)>
 COMPRESSOR_INLINE void RowKernel(const float* phase, int64_t positions, int64_t channel_stride,
                                  const int64_t* offsets, int64_t E, const float* const* weights,
                                  const int32_t* channels, int64_t active, float* out,
                                  int64_t out_stride) {
-  for (int64_t p0 = 0; p0 < positions; p0 += kRowChunk) {
-    Vec16 acc[F][kRowVectors] = {};
+  for (int64_t p0 = 0; p0 < positions; p0 += V * kLanes) {
+    Vec16 acc[F][V] = {};
     for (int64_t j = 0; j < active; ++j) {
       const float* in = phase + j * channel_stride + p0;
       const float* w[F];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int f = 0; f < F; ++f) w[f] = weights[f] + static_cast<int64_t>(channels[j]) * E;
       for (int64_t e = 0; e < E; ++e) {
         const float* x = in + offsets[e];
-        Vec16 xv[kRowVectors];
+        Vec16 xv[V];
 #pragma GCC unroll 4
-        for (int v = 0; v < kRowVectors; ++v) xv[v] = Load16(x + v * kLanes);
-#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) xv[v] = Load16(x + v * kLanes);
+#pragma GCC unroll 8
         for (int f = 0; f < F; ++f) {
           const float ws = w[f][e];
 #pragma GCC unroll 4
-          for (int v = 0; v < kRowVectors; ++v) acc[f][v] += ws * xv[v];
+          for (int v = 0; v < V; ++v) acc[f][v] += ws * xv[v];
         }
       }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int f = 0; f < F; ++f) {
 #pragma GCC unroll 4
-      for (int v = 0; v < kRowVectors; ++v) Store16(out + f * out_stride + p0 + v * kLanes, acc[f][v]);
+      for (int v = 0; v < V; ++v) Store16(out + f * out_stride + p0 + v * kLanes, acc[f][v]);
+    }
+  }
+}
+
+// The row kernel's output rows to Y: `rows` rows of OW windows (junk columns dropped) from
+// `source` (row stride `length`), plus the bias. Its own clones: in the kernel class it
+// compiled for baseline x86-64 only (~10% of a 1->16 3x3 layer's time at fraction 0.25).
+COMPRESSOR_CLONES void StoreRows(const float* source, int64_t length, int64_t rows, int64_t OW,
+                                 float bias, float* y) {
+  const Vec16 b = Vec16{} + bias;
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* from = source + row * length;
+    float* to = y + row * OW;
+    if (OW < kLanes) {
+      for (int64_t ow = 0; ow < OW; ++ow) to[ow] = from[ow] + bias;
+      continue;
+    }
+    // Whole vectors, the last one overlapping the one before (no scalar tail).
+    for (int64_t ow = 0; ow < OW; ow += kLanes) {
+      const int64_t at = std::min(ow, OW - kLanes);
+      Store16(to + at, Load16(from + at) + b);
     }
   }
 }
@@ -384,18 +421,26 @@ struct RowCall {
   const float* const* weights;  // per filter: by_filter + m * C * E
   const int32_t* channels;      // active channels, in phase-image order
   int64_t active;
-  float* out;                   // [filters][out_stride], out_stride >= positions rounded up to 64
+  float* out;                   // [filters][out_stride], out_stride a multiple of kRowStrideMultiple >= positions
   int64_t out_stride;
   int filters;                  // 1..kRowFilters
 };
 
 COMPRESSOR_CLONES void RunRows(const RowCall& a) {
+#define COMPRESSOR_ROWS(F)                                                                          \
+  RowKernel<F>(a.phase, a.positions, a.channel_stride, a.offsets, a.E, a.weights, a.channels, \
+               a.active, a.out, a.out_stride)
   switch (a.filters) {
-    case 4: RowKernel<4>(a.phase, a.positions, a.channel_stride, a.offsets, a.E, a.weights, a.channels, a.active, a.out, a.out_stride); break;
-    case 3: RowKernel<3>(a.phase, a.positions, a.channel_stride, a.offsets, a.E, a.weights, a.channels, a.active, a.out, a.out_stride); break;
-    case 2: RowKernel<2>(a.phase, a.positions, a.channel_stride, a.offsets, a.E, a.weights, a.channels, a.active, a.out, a.out_stride); break;
-    default: RowKernel<1>(a.phase, a.positions, a.channel_stride, a.offsets, a.E, a.weights, a.channels, a.active, a.out, a.out_stride); break;
+    case 8: COMPRESSOR_ROWS(8); break;
+    case 7: COMPRESSOR_ROWS(7); break;
+    case 6: COMPRESSOR_ROWS(6); break;
+    case 5: COMPRESSOR_ROWS(5); break;
+    case 4: COMPRESSOR_ROWS(4); break;
+    case 3: COMPRESSOR_ROWS(3); break;
+    case 2: COMPRESSOR_ROWS(2); break;
+    default: COMPRESSOR_ROWS(1); break;
   }
+#undef COMPRESSOR_ROWS
 }
 
 // Weights packed for the micro-kernels: tiles of every filter (PackWeights) for calls that
@@ -742,22 +787,20 @@ class LshConvCpuKernel {
 
     if (UseRowKernel(g, s.count, s.active)) {
       std::memset(phase_image + image_size, 0, sizeof(float) * slack);
-      const int64_t positions = rows * layout.length, stride = RoundUp(positions, kRowChunk);
+      const int64_t positions = rows * layout.length, stride = RoundUp(positions, kRowStrideMultiple);
       float* buffer = Scratch(scratch.out, static_cast<size_t>(kRowFilters * stride));
-      for (int64_t i0 = 0; i0 < s.count; i0 += kRowFilters) {
-        const int group = static_cast<int>(std::min<int64_t>(kRowFilters, s.count - i0));
+      // Groups as even as possible (11 filters: 6 + 5, not 8 + 3).
+      const int64_t groups = CeilDiv(s.count, kRowFilters), widest = CeilDiv(s.count, groups);
+      for (int64_t i0 = 0; i0 < s.count; i0 += widest) {
+        const int group = static_cast<int>(std::min<int64_t>(widest, s.count - i0));
         const float* weights[kRowFilters];
         for (int f = 0; f < group; ++f) weights[f] = packed.by_filter.data() + filters[i0 + f] * g.C * E;
         RunRows(RowCall{phase_image, positions, layout.ChannelStride(), entry.offset.data(), E,
                         weights, s.channels.data(), s.active, buffer, stride, group});
-        for (int f = 0; f < group; ++f) {  // rows of OW windows to Y, junk dropped, bias added
+        for (int f = 0; f < group; ++f) {
           const int64_t m = filters[i0 + f];
-          const float b = in.bias ? in.bias[m] : 0.0f;
-          for (int64_t row = 0; row < rows; ++row) {
-            const float* source = buffer + f * stride + row * layout.length;
-            float* o = out + m * plane + row * g.OW;
-            for (int64_t ow = 0; ow < g.OW; ++ow) o[ow] = source[ow] + b;
-          }
+          StoreRows(buffer + f * stride, layout.length, rows, g.OW, in.bias ? in.bias[m] : 0.0f,
+                    out + m * plane);
         }
       }
       return;
