@@ -254,6 +254,30 @@ def test_wide_layers_match_reference(path, n, c, m, size, strides, dilations, he
         np.testing.assert_allclose(y, expected, atol=1e-4 * (1 + np.abs(expected).max()), rtol=1e-4)
 
 
+def test_pool_and_calling_thread_give_the_same_result(cpu_path):
+    # Small calls run on the calling thread, one unit per image; this batch (1e5 outputs and
+    # more) runs on ORT's pool in blocks of rows. Image by image, both must agree, and match
+    # the reference of the differential algorithm.
+    rng = np.random.default_rng(21)
+    x = np.maximum(np.round(rng.standard_normal((5, 12, 26, 26)) * 4) / 4, 0).astype(np.float32)
+    w = (rng.standard_normal((32, 12, 3, 3)) / np.sqrt(9 * 12)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    g = ConvGeometry((1, 1), (1, 1, 1, 1), (1, 1))
+    assert x.shape[0] * 32 * 26 * 26 >= 1e5 > 32 * 26 * 26
+    for threshold in (0.0, 0.3):
+        model = conv_model("DiffConv", x.shape, w, b, counts=True,
+                           **attributes(g.strides, g.pads, g.dilations, threshold=threshold, restart=7))
+        single = conv_model("DiffConv", (1, *x.shape[1:]), w, b, counts=True,
+                            **attributes(g.strides, g.pads, g.dilations, threshold=threshold, restart=7))
+        y, counts = run(model, {"X": x}, threads=2)
+        per_image = [run(single, {"X": x[i:i + 1]}) for i in range(x.shape[0])]
+        np.testing.assert_allclose(y, np.concatenate([p[0] for p in per_image]), rtol=1e-5, atol=1e-5)
+        assert counts.tolist() == [sum(p[1][0] for p in per_image), sum(p[1][1] for p in per_image)]
+        expected, performed, dense = reference_diffconv(x, w, b, g, threshold, 7)
+        assert counts.tolist() == [performed, dense]
+        np.testing.assert_allclose(y, expected, atol=1e-4 * (1 + np.abs(expected).max()), rtol=1e-4)
+
+
 def test_threshold_skips_multiplications_and_bounds_error():
     rng = np.random.default_rng(5)
     # A smooth image: neighbouring columns differ little.

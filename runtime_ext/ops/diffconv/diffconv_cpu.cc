@@ -29,13 +29,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include <immintrin.h>
 
+#include "common/cpu_parallel.h"
 #include "common/direct_conv.h"
 #include "ops/diffconv/diffconv.h"
 
@@ -51,6 +50,12 @@ using namespace direct_conv;
 double SparseDensityLimit(int64_t channels) {
   if (channels < 8) return 0.0;
   return std::min(0.30, 0.15 + 0.004 * static_cast<double>(channels - 8));
+}
+
+// Small calls run on the calling thread (common/cpu_parallel.h).
+bool Inline(const DiffConvGeometry& g) {
+  return RunInline(static_cast<double>(g.DenseMultiplications()),
+                   static_cast<double>(g.N) * static_cast<double>(g.M * g.OH * g.OW));
 }
 
 // A unit's output buffer (its rows x 64 channels) should stay in L1 (48 KiB here).
@@ -466,10 +471,11 @@ class DiffConvCpuKernel {
     if (!constant_weight) call_packed = PackWeights(w, g.M, g.C, g.kH, g.kW, order);
     const float* packed = constant_weight ? packed_.data() : call_packed.data();
 
-    // Units: images x blocks of output rows, at least 3 per thread when the batch is small,
-    // and few enough rows that the unit's output buffer stays in L1.
-    const int64_t threads = std::max(1u, std::thread::hardware_concurrency());
-    const int64_t blocks_per_image = std::clamp<int64_t>(CeilDiv(3 * threads, g.N), 1, g.OH);
+    // Units: images x blocks of output rows, at least 3 per thread when the batch is small
+    // (inline: one per image), and few enough rows that the unit's output buffer stays in L1.
+    const bool inline_units = Inline(g);
+    const int64_t blocks_per_image =
+        inline_units ? 1 : std::clamp<int64_t>(CeilDiv(3 * HardwareThreads(), g.N), 1, g.OH);
     const int64_t row_bytes = g.OW * std::min(kTileWidth, RoundUp(g.M, kLanes)) *
                               static_cast<int64_t>(sizeof(float));
     const int64_t rows_in_l1 = std::max<int64_t>(1, kBufferBytes / row_bytes);
@@ -478,23 +484,14 @@ class DiffConvCpuKernel {
     const int64_t total_units = g.N * row_blocks;
 
     std::atomic<int64_t> performed{0};
-    std::mutex error_mutex;
-    std::string error;
     const bool counting = counts_out != nullptr;
-    auto run_unit = [&](size_t i) {
-      try {
-        const int64_t n = static_cast<int64_t>(i) / row_blocks;
-        const int64_t rb = static_cast<int64_t>(i) % row_blocks;
-        const int64_t oh0 = rb * rows_per_unit, oh1 = std::min(g.OH, oh0 + rows_per_unit);
-        const int64_t counted = RunUnit(g, order, n, oh0, oh1, x, packed, bias, y, counting);
-        if (counting) performed.fetch_add(counted, std::memory_order_relaxed);
-      } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (error.empty()) error = e.what();
-      }
-    };
-    ParallelFor(context, static_cast<size_t>(total_units), run_unit);
-    if (!error.empty()) throw OpError(error, ORT_FAIL);
+    ParallelUnits(inline_units ? nullptr : context, static_cast<size_t>(total_units), [&](size_t i) {
+      const int64_t n = static_cast<int64_t>(i) / row_blocks;
+      const int64_t rb = static_cast<int64_t>(i) % row_blocks;
+      const int64_t oh0 = rb * rows_per_unit, oh1 = std::min(g.OH, oh0 + rows_per_unit);
+      const int64_t counted = RunUnit(g, order, n, oh0, oh1, x, packed, bias, y, counting);
+      if (counting) performed.fetch_add(counted, std::memory_order_relaxed);
+    });
     if (counts_out) {
       counts_out[0] = performed.load() * g.M;
       counts_out[1] = g.DenseMultiplications();

@@ -1,5 +1,5 @@
 // LSHConv CPU kernel. Units of (sample, block of output rows) on onnxruntime's intra-op
-// thread pool, or on the calling thread for small calls (kInlineWork), each:
+// thread pool, or on the calling thread for small calls (RunInline), each:
 //   1. for its sample: queries (the mean query: window sums as one product of the image with
 //      a 0/1 mask; columns: window column sums) -> projections on every table's hyperplanes ->
 //      sign bits packed into codes -> OR of the bucket bitsets: the selected filters; with
@@ -30,7 +30,7 @@
 #include "common/direct_conv.h"
 #include "common/gemm.h"
 #include "common/simhash.h"
-#include "ops/lsh_conv/cpu_parallel.h"
+#include "common/cpu_parallel.h"
 #include "ops/lsh_conv/lsh_conv.h"
 
 namespace compressor {
@@ -43,9 +43,6 @@ using namespace direct_conv;
 // channel in longer runs, which measured faster than L1-sized blocks (e.g. 16->96 1x1 @28x28,
 // batch 64: 12 ms instead of 20 ms) because 64 short runs at once defeat the prefetchers.
 constexpr int64_t kBufferBytes = 256 * 1024;
-
-// Calls of fewer multiply-adds (dense count, N M D OH OW) run on the calling thread.
-constexpr double kInlineWork = 8e6;
 
 // Hashing scratch.
 struct HashScratch {
@@ -578,12 +575,9 @@ class LshConvCpuKernel {
     // samples per thread: the selection first, a block of samples per unit, so that the
     // planes are read once per block rather than once per sample.
     const bool empty = g.OH == 0 || g.OW == 0;
-    // Small calls run on the calling thread: on the 2-core machine we measured on, waking the
-    // pool (spinning off) cost more than the second core gained below kInlineWork
-    // multiply-adds (every zoo layer at batch 1).
-    const double work = static_cast<double>(g.N) * static_cast<double>(g.M * g.D()) *
-                        static_cast<double>(g.OH * g.OW);
-    OrtKernelContext* pool = work < kInlineWork ? nullptr : raw_context;
+    // Small calls run on the calling thread (every zoo layer at batch 1).
+    const double outputs = static_cast<double>(g.N) * static_cast<double>(g.M * g.OH * g.OW);
+    OrtKernelContext* pool = RunInline(outputs * static_cast<double>(g.D()), outputs) ? nullptr : raw_context;
     const int64_t threads = pool == nullptr ? 1 : HardwareThreads();
     std::vector<uint64_t> selections;  // [N][t.words] when selected up front
     if (g.N >= 2 * kProjectBlock * threads) {

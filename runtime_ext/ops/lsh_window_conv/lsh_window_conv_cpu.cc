@@ -14,7 +14,7 @@
 
 #include "common/gemm.h"
 #include "common/simhash.h"
-#include "ops/lsh_conv/cpu_parallel.h"
+#include "common/cpu_parallel.h"
 #include "ops/lsh_window_conv/lsh_window_conv.h"
 
 namespace compressor {
