@@ -4,7 +4,9 @@
 
 #include <onnxruntime_cxx_api.h>  // ORT_API_MANUAL_INIT is defined for the whole library
 
+#include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -145,6 +147,45 @@ void ParallelFor(OrtKernelContext* context, size_t total, Fn& fn) {
   }
   auto trampoline = [](void* data, size_t i) { (*static_cast<Fn*>(data))(i); };
   Check(Ort::GetApi().KernelContext_ParallelFor(context, trampoline, total, 0, &fn));
+}
+
+// The registration struct ORT asks for, written once: every op on every execution provider is
+// a KernelOp of its kernel class and the op's signature (declared once, in the op's header):
+//   struct Signature {
+//     static constexpr const char* kName;                         // the op type in the graph
+//     static constexpr ONNXTensorElementDataType kInputs[], kOutputs[];  // element types
+//     static constexpr size_t kFirstOptionalInput, kFirstOptionalOutput; // optional from here on
+//   };
+// The kernel is constructed from (api, info), computes in ComputeV2, and names itself in errors
+// by Kernel::kLabel (e.g. "DiffConv (CUDA)"); a failing constructor becomes an ORT status too.
+enum class Provider { kCpu, kCuda };
+
+template <class Kernel, class Signature, Provider kProvider>
+struct KernelOp : Ort::CustomOpBase<KernelOp<Kernel, Signature, kProvider>, Kernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return Guard(Kernel::kLabel, [&] { *kernel = new Kernel(api, info); });
+  }
+  const char* GetName() const { return Signature::kName; }
+  const char* GetExecutionProviderType() const {
+    return kProvider == Provider::kCuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+  }
+  size_t GetInputTypeCount() const { return std::size(Signature::kInputs); }
+  ONNXTensorElementDataType GetInputType(size_t index) const { return Signature::kInputs[index]; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index >= Signature::kFirstOptionalInput ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return std::size(Signature::kOutputs); }
+  ONNXTensorElementDataType GetOutputType(size_t index) const { return Signature::kOutputs[index]; }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return index >= Signature::kFirstOptionalOutput ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+};
+
+// Adds the op (one instance for the library's lifetime, as ORT requires) to the domain.
+template <class Op>
+void AddOp(Ort::CustomOpDomain& domain) {
+  static Op op;
+  domain.Add(&op);
 }
 
 }  // namespace compressor

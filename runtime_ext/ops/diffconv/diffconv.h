@@ -26,6 +26,15 @@ namespace compressor {
 
 inline constexpr const char* kDiffConvName = "DiffConv";
 
+// The op as ORT sees it (common/ort_op.h, KernelOp): inputs X, W, B (optional); outputs Y, counts (optional).
+struct DiffConvSignature {
+  static constexpr const char* kName = kDiffConvName;
+  static constexpr ONNXTensorElementDataType kInputs[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr size_t kFirstOptionalInput = 2;
+  static constexpr ONNXTensorElementDataType kOutputs[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64};
+  static constexpr size_t kFirstOptionalOutput = 1;
+};
+
 // Conv's attributes (validated as for the LSH ops), plus threshold and restart.
 struct DiffConvAttributes : Conv2dAttributes {
   float threshold = 0.0f;

@@ -393,6 +393,8 @@ struct Scratchpad {
 
 class DiffConvCpuKernel {
  public:
+  static constexpr const char* kLabel = kDiffConvName;
+
   DiffConvCpuKernel(const OrtApi& api, const OrtKernelInfo* info)
       : attributes_(DiffConvAttributes::Read(info)),
         path_(PathFromEnvironment()),
@@ -419,7 +421,7 @@ class DiffConvCpuKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return Guard(kDiffConvName, [&] { Compute(context); });
+    return Guard(kLabel, [&] { Compute(context); });
   }
 
  private:
@@ -617,31 +619,10 @@ class DiffConvCpuKernel {
   std::vector<int64_t> packed_shape_;
 };
 
-struct DiffConvCpuOp : Ort::CustomOpBase<DiffConvCpuOp, DiffConvCpuKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return Guard(kDiffConvName, [&] { *kernel = new DiffConvCpuKernel(api, info); });
-  }
-  const char* GetName() const { return kDiffConvName; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t index) const {
-    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
-    return index == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-};
+using DiffConvCpuOp = KernelOp<DiffConvCpuKernel, DiffConvSignature, Provider::kCpu>;
 
 }  // namespace
 
-void AddDiffConvCpu(Ort::CustomOpDomain& domain) {
-  static DiffConvCpuOp op;
-  domain.Add(&op);
-}
+void AddDiffConvCpu(Ort::CustomOpDomain& domain) { AddOp<DiffConvCpuOp>(domain); }
 
 }  // namespace compressor

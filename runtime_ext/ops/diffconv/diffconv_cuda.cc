@@ -10,11 +10,13 @@ namespace {
 
 class DiffConvCudaKernel {
  public:
+  static constexpr const char* kLabel = "DiffConv (CUDA)";
+
   DiffConvCudaKernel(const OrtApi&, const OrtKernelInfo* info)
       : attributes_(DiffConvAttributes::Read(info)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return Guard("DiffConv (CUDA)", [&] { Compute(context); });
+    return Guard(kLabel, [&] { Compute(context); });
   }
 
  private:
@@ -57,31 +59,10 @@ class DiffConvCudaKernel {
   DiffConvAttributes attributes_;
 };
 
-struct DiffConvCudaOp : Ort::CustomOpBase<DiffConvCudaOp, DiffConvCudaKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return Guard("DiffConv (CUDA)", [&] { *kernel = new DiffConvCudaKernel(api, info); });
-  }
-  const char* GetName() const { return kDiffConvName; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t index) const {
-    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
-    return index == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-};
+using DiffConvCudaOp = KernelOp<DiffConvCudaKernel, DiffConvSignature, Provider::kCuda>;
 
 }  // namespace
 
-void AddDiffConvCuda(Ort::CustomOpDomain& domain) {
-  static DiffConvCudaOp op;
-  domain.Add(&op);
-}
+void AddDiffConvCuda(Ort::CustomOpDomain& domain) { AddOp<DiffConvCudaOp>(domain); }
 
 }  // namespace compressor

@@ -465,6 +465,8 @@ struct PackedWeights {
 
 class LshConvCpuKernel {
  public:
+  static constexpr const char* kLabel = kLshConvName;
+
   LshConvCpuKernel(const OrtApi& api, const OrtKernelInfo* info)
       : attributes_(LshConvAttributes::Read(info)),
         // COMPRESSOR_LSH_CONV_PORTABLE=1: the portable helpers even on AVX-512 (tests).
@@ -490,7 +492,7 @@ class LshConvCpuKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return Guard(kLshConvName, [&] { Compute(context); });
+    return Guard(kLabel, [&] { Compute(context); });
   }
 
  private:
@@ -849,35 +851,10 @@ class LshConvCpuKernel {
   std::shared_ptr<const WindowMask> window_mask_;
 };
 
-struct LshConvCpuOp : Ort::CustomOpBase<LshConvCpuOp, LshConvCpuKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return Guard(kLshConvName, [&] { *kernel = new LshConvCpuKernel(api, info); });
-  }
-  const char* GetName() const { return kLshConvName; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 6; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    if (index == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-    if (index == 5) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index >= 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t index) const {
-    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
-    return index == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-};
+using LshConvCpuOp = KernelOp<LshConvCpuKernel, LshConvSignature, Provider::kCpu>;
 
 }  // namespace
 
-void AddLshConvCpu(Ort::CustomOpDomain& domain) {
-  static LshConvCpuOp op;
-  domain.Add(&op);
-}
+void AddLshConvCpu(Ort::CustomOpDomain& domain) { AddOp<LshConvCpuOp>(domain); }
 
 }  // namespace compressor

@@ -9,15 +9,15 @@
 namespace compressor {
 namespace {
 
-constexpr const char* kCudaName = "LSHConv (CUDA)";
-
 class LshConvCudaKernel {
  public:
+  static constexpr const char* kLabel = "LSHConv (CUDA)";
+
   LshConvCudaKernel(const OrtApi&, const OrtKernelInfo* info)
       : attributes_(LshConvAttributes::Read(info)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return Guard(kCudaName, [&] { Compute(context); });
+    return Guard(kLabel, [&] { Compute(context); });
   }
 
  private:
@@ -73,35 +73,10 @@ class LshConvCudaKernel {
   LshConvAttributes attributes_;
 };
 
-struct LshConvCudaOp : Ort::CustomOpBase<LshConvCudaOp, LshConvCudaKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return Guard(kCudaName, [&] { *kernel = new LshConvCudaKernel(api, info); });
-  }
-  const char* GetName() const { return kLshConvName; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 6; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    if (index == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-    if (index == 5) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index >= 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t index) const {
-    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
-    return index == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-};
+using LshConvCudaOp = KernelOp<LshConvCudaKernel, LshConvSignature, Provider::kCuda>;
 
 }  // namespace
 
-void AddLshConvCuda(Ort::CustomOpDomain& domain) {
-  static LshConvCudaOp op;
-  domain.Add(&op);
-}
+void AddLshConvCuda(Ort::CustomOpDomain& domain) { AddOp<LshConvCudaOp>(domain); }
 
 }  // namespace compressor

@@ -28,11 +28,13 @@ struct Workspace {
 
 class LshWindowConvCpuKernel {
  public:
+  static constexpr const char* kLabel = kLshWindowConvName;
+
   LshWindowConvCpuKernel(const OrtApi&, const OrtKernelInfo* info)
       : attributes_(Conv2dAttributes::Read(info)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return Guard(kLshWindowConvName, [&] { Compute(context); });
+    return Guard(kLabel, [&] { Compute(context); });
   }
 
  private:
@@ -213,31 +215,10 @@ class LshWindowConvCpuKernel {
   Conv2dAttributes attributes_;
 };
 
-struct LshWindowConvCpuOp : Ort::CustomOpBase<LshWindowConvCpuOp, LshWindowConvCpuKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return Guard(kLshWindowConvName, [&] { *kernel = new LshWindowConvCpuKernel(api, info); });
-  }
-  const char* GetName() const { return kLshWindowConvName; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 4; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t index) const {
-    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
-    return index == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-};
+using LshWindowConvCpuOp = KernelOp<LshWindowConvCpuKernel, LshWindowConvSignature, Provider::kCpu>;
 
 }  // namespace
 
-void AddLshWindowConvCpu(Ort::CustomOpDomain& domain) {
-  static LshWindowConvCpuOp op;
-  domain.Add(&op);
-}
+void AddLshWindowConvCpu(Ort::CustomOpDomain& domain) { AddOp<LshWindowConvCpuOp>(domain); }
 
 }  // namespace compressor

@@ -8,15 +8,15 @@
 namespace compressor {
 namespace {
 
-constexpr const char* kCudaName = "LSHWindowConv (CUDA)";
-
 class LshWindowConvCudaKernel {
  public:
+  static constexpr const char* kLabel = "LSHWindowConv (CUDA)";
+
   LshWindowConvCudaKernel(const OrtApi&, const OrtKernelInfo* info)
       : attributes_(Conv2dAttributes::Read(info)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return Guard(kCudaName, [&] { Compute(context); });
+    return Guard(kLabel, [&] { Compute(context); });
   }
 
  private:
@@ -61,32 +61,10 @@ class LshWindowConvCudaKernel {
   Conv2dAttributes attributes_;
 };
 
-struct LshWindowConvCudaOp
-    : Ort::CustomOpBase<LshWindowConvCudaOp, LshWindowConvCudaKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return Guard(kCudaName, [&] { *kernel = new LshWindowConvCudaKernel(api, info); });
-  }
-  const char* GetName() const { return kLshWindowConvName; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 4; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t index) const {
-    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
-    return index == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-};
+using LshWindowConvCudaOp = KernelOp<LshWindowConvCudaKernel, LshWindowConvSignature, Provider::kCuda>;
 
 }  // namespace
 
-void AddLshWindowConvCuda(Ort::CustomOpDomain& domain) {
-  static LshWindowConvCudaOp op;
-  domain.Add(&op);
-}
+void AddLshWindowConvCuda(Ort::CustomOpDomain& domain) { AddOp<LshWindowConvCudaOp>(domain); }
 
 }  // namespace compressor
