@@ -440,39 +440,37 @@ class _Analysis:
             self.param_slice(value, 0, layout, "produce", "param", node)
         return outputs, False
 
-    def softmax(self, node: ir.Node):
+    def tracked_input(self, node: ir.Node) -> tuple[ChannelAxis | None, int | None]:
+        """The channel axis node's first input carries (None: not tracked, the node passes
+        through) and that input's rank (None: unknown shape, which ends the tracking)."""
         x = node.inputs[0]
-        ca = self.axes.get(x)
         shape = self.shape(x)
-        if ca is None or shape is None:
+        return self.axes.get(x), None if shape is None else len(shape)
+
+    def softmax(self, node: ir.Node):
+        ca, rank = self.tracked_input(node)
+        if ca is None or rank is None:
             return None, ca is None
         axis = _attr_int(node, "axis", -1)
-        axis = axis - len(shape) if axis >= 0 else axis
+        axis = axis - rank if axis >= 0 else axis
         if axis == ca.axis:
             self.fix(ca.layout, f"{_label(node)} normalises across the channels")
         return [ca], False
 
     def op_LayerNormalization(self, node: ir.Node):
-        x = node.inputs[0]
-        ca = self.axes.get(x)
-        shape = self.shape(x)
-        if ca is None or shape is None:
+        ca, rank = self.tracked_input(node)
+        if ca is None or rank is None:
             return None, ca is None
         axis = _attr_int(node, "axis", -1)
-        axis = axis - len(shape) if axis >= 0 else axis
+        axis = axis - rank if axis >= 0 else axis
         if ca.axis >= axis:
             self.fix(ca.layout, f"{_label(node)} normalises across the channels")
         return [ca] + [None] * (len(node.outputs) - 1), False
 
     def reduce(self, node: ir.Node):
-        x = node.inputs[0]
-        ca = self.axes.get(x)
-        shape = self.shape(x)
-        if ca is None:
-            return None, True
-        if shape is None:
-            return None, False
-        rank = len(shape)
+        ca, rank = self.tracked_input(node)
+        if ca is None or rank is None:
+            return None, ca is None
         axes = _attr_ints(node, "axes")
         if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
             array = constant_array(node.inputs[1])
@@ -528,14 +526,9 @@ class _Analysis:
         return [ChannelAxis(out_axis - len(out_shape), layout)], False
 
     def op_Transpose(self, node: ir.Node):
-        x = node.inputs[0]
-        ca = self.axes.get(x)
-        shape = self.shape(x)
-        if ca is None:
-            return None, True
-        if shape is None:
-            return None, False
-        rank = len(shape)
+        ca, rank = self.tracked_input(node)
+        if ca is None or rank is None:
+            return None, ca is None
         perm = _attr_ints(node, "perm") or list(range(rank))[::-1]
         position = perm.index(rank + ca.axis)
         return [ChannelAxis(position - rank, ca.layout)], False
@@ -575,14 +568,9 @@ class _Analysis:
         return [ChannelAxis(axis, tuple(layout))], False
 
     def op_Split(self, node: ir.Node):
-        x = node.inputs[0]
-        ca = self.axes.get(x)
-        shape = self.shape(x)
-        if ca is None:
-            return None, True
-        if shape is None:
-            return None, False
-        rank = len(shape)
+        ca, rank = self.tracked_input(node)
+        if ca is None or rank is None:
+            return None, ca is None
         axis = _attr_int(node, "axis", 0)
         axis = axis - rank if axis >= 0 else axis
         if axis != ca.axis:
@@ -616,14 +604,9 @@ class _Analysis:
         return [ChannelAxis(axis, lay) for lay in layouts], False
 
     def op_Slice(self, node: ir.Node):
-        x = node.inputs[0]
-        ca = self.axes.get(x)
-        shape = self.shape(x)
-        if ca is None:
-            return None, True
-        if shape is None:
-            return None, False
-        rank = len(shape)
+        ca, rank = self.tracked_input(node)
+        if ca is None or rank is None:
+            return None, ca is None
         axes = None
         if len(node.inputs) > 3 and node.inputs[3] is not None:
             array = constant_array(node.inputs[3])
@@ -640,14 +623,9 @@ class _Analysis:
         return [ca], False
 
     def op_Shape(self, node: ir.Node):
-        x = node.inputs[0]
-        ca = self.axes.get(x)
-        shape = self.shape(x)
-        if ca is None:
-            return None, True
-        if shape is None:
-            return None, False
-        rank = len(shape)
+        ca, rank = self.tracked_input(node)
+        if ca is None or rank is None:
+            return None, ca is None
         start = _attr_int(node, "start", 0)
         end = _attr_int(node, "end", rank)
         start, end = (start % rank if start < 0 else start), (end % rank if end < 0 else end)

@@ -56,65 +56,21 @@ struct DiffConvAttributes : Conv2dAttributes {
   }
 };
 
-// Sizes of one DiffConv call, validated against the attributes.
-struct DiffConvGeometry {
-  int64_t N, C, H, W, M, kH, kW, OH, OW;
-  int64_t stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w;
+// Sizes of one DiffConv call, validated against the attributes (as Conv2dShape's), plus the
+// threshold and restart interval.
+struct DiffConvGeometry : Conv2dShape {
   int64_t restart;
   float threshold;
 
-  int64_t K() const { return C * kH * kW; }
+  int64_t K() const { return D(); }  // multiplications per output
   int64_t DenseMultiplications() const { return N * M * OH * OW * K(); }
 
   static DiffConvGeometry Make(const DiffConvAttributes& a, const std::vector<int64_t>& x,
                                const std::vector<int64_t>& w, const std::vector<int64_t>* bias) {
-    if (x.size() != 4) {
-      throw OpError("input X must be 4-D [N, C, H, W], got shape " + ShapeString(x));
-    }
-    if (w.size() != 4) {
-      throw OpError("weight W must be 4-D [M, C, kH, kW], got shape " + ShapeString(w));
-    }
-    if (x[1] != w[1]) {
-      throw OpError("channel mismatch: X " + ShapeString(x) + " has " + std::to_string(x[1]) +
-                    " channels but W " + ShapeString(w) + " expects " + std::to_string(w[1]) +
-                    " (group=1)");
-    }
-    if (!a.kernel_shape.empty() && (a.kernel_shape[0] != w[2] || a.kernel_shape[1] != w[3])) {
-      throw OpError("kernel_shape " + ShapeString(a.kernel_shape) + " does not match W " +
-                    ShapeString(w));
-    }
-    if (w[0] < 1 || w[2] < 1 || w[3] < 1) {
-      throw OpError("weight W has an empty dimension: " + ShapeString(w));
-    }
-    if (bias != nullptr && (bias->size() != 1 || (*bias)[0] != w[0])) {
-      throw OpError("bias B must be 1-D [" + std::to_string(w[0]) + "], got shape " +
-                    ShapeString(*bias));
-    }
     DiffConvGeometry g{};
-    g.N = x[0];
-    g.C = x[1];
-    g.H = x[2];
-    g.W = x[3];
-    g.M = w[0];
-    g.kH = w[2];
-    g.kW = w[3];
-    g.stride_h = a.strides[0];
-    g.stride_w = a.strides[1];
-    g.pad_top = a.pads[0];
-    g.pad_left = a.pads[1];
-    g.dilation_h = a.dilations[0];
-    g.dilation_w = a.dilations[1];
+    static_cast<Conv2dShape&>(g) = Conv2dShape::FromShapes(a, x, w, bias);
     g.restart = a.restart;
     g.threshold = a.threshold;
-    const int64_t span_h = g.dilation_h * (g.kH - 1) + 1, span_w = g.dilation_w * (g.kW - 1) + 1;
-    const int64_t padded_h = g.H + a.pads[0] + a.pads[2], padded_w = g.W + a.pads[1] + a.pads[3];
-    if (padded_h < span_h || padded_w < span_w) {
-      throw OpError("kernel " + ShapeString({g.kH, g.kW}) + " with dilations " +
-                    ShapeString(a.dilations) + " does not fit the padded input " +
-                    ShapeString({padded_h, padded_w}));
-    }
-    g.OH = (padded_h - span_h) / g.stride_h + 1;
-    g.OW = (padded_w - span_w) / g.stride_w + 1;
     // The CPU kernel indexes its position lists with 32-bit ints.
     if (g.K() * g.OH * g.OW > INT32_MAX || g.M * g.K() > INT32_MAX) {
       throw OpError("shape too large: X " + ShapeString(x) + ", W " + ShapeString(w),

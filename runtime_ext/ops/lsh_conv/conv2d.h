@@ -62,8 +62,24 @@ struct Conv2dShape {
   int64_t D() const { return C * kH * kW; }
   int64_t Windows() const { return OH * OW; }
 
+  // The LSH ops' shape: FromShapes, within the 32-bit sizes their BLAS calls and CUDA kernels
+  // take.
   static Conv2dShape Make(const Conv2dAttributes& a, const std::vector<int64_t>& x,
                           const std::vector<int64_t>& w, const std::vector<int64_t>* bias) {
+    const Conv2dShape g = FromShapes(a, x, w, bias);
+    if (g.D() + 1 > INT32_MAX / 64 || g.OH * g.OW > INT32_MAX / 64 || g.M > INT32_MAX / 64 ||
+        g.D() * g.OH * g.OW > INT32_MAX || g.M * g.D() > INT32_MAX ||
+        g.M * g.OH * g.OW > INT32_MAX || g.C * g.H * g.W > INT32_MAX) {
+      throw OpError("shape too large: X " + ShapeString(x) + ", W " + ShapeString(w),
+                    ORT_NOT_IMPLEMENTED);
+    }
+    return g;
+  }
+
+  // Checks X [N, C, H, W], W [M, C, kH, kW] and the bias [M] (when given) against each other
+  // and the attributes, and derives the output size; throws OpError naming the problem.
+  static Conv2dShape FromShapes(const Conv2dAttributes& a, const std::vector<int64_t>& x,
+                                const std::vector<int64_t>& w, const std::vector<int64_t>* bias) {
     if (x.size() != 4) {
       throw OpError("input X must be 4-D [N, C, H, W], got shape " + ShapeString(x));
     }
@@ -112,13 +128,6 @@ struct Conv2dShape {
     }
     g.OH = (padded_h - span_h) / g.stride_h + 1;
     g.OW = (padded_w - span_w) / g.stride_w + 1;
-    // BLAS and the CUDA kernels take 32-bit sizes.
-    if (g.D() + 1 > INT32_MAX / 64 || g.OH * g.OW > INT32_MAX / 64 || g.M > INT32_MAX / 64 ||
-        g.D() * g.OH * g.OW > INT32_MAX || g.M * g.D() > INT32_MAX ||
-        g.M * g.OH * g.OW > INT32_MAX || g.C * g.H * g.W > INT32_MAX) {
-      throw OpError("shape too large: X " + ShapeString(x) + ", W " + ShapeString(w),
-                    ORT_NOT_IMPLEMENTED);
-    }
     return g;
   }
 };
