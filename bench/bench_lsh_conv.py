@@ -276,7 +276,7 @@ def markdown(layers: list[dict], models: list[dict], load: str) -> str:
             "",
             f"**Verdict: {verdict}** The CPU kernel is a direct convolution of the selected "
             "filters only (DiffConv's micro-kernel on channel tiles of the selected filters, or "
-            "at stride 1 a row kernel for fewer than 12 of them or for layers with at most 32 "
+            "at stride 1 a row kernel for up to 16 of them (32 on long rows) or for layers with at most 32 "
             "multiply-adds per output; runtime_ext/ops/lsh_conv/README.md), so the "
             "multiply-adds scale with f. What does not scale with f: the hashing (window sums "
             "over the whole input and projections on L*K planes of D + 1 floats, per sample), "

@@ -211,11 +211,11 @@ def test_mean_query_window_sums_at_stride_1_match_reference(size, kernel, pads, 
     np.testing.assert_allclose(y, expected, atol=tolerance(x, w), rtol=1e-4)
 
 # --- fixed selections: the CPU micro-kernels' tile and block boundaries ---------------------
-# With stride 1 the CPU kernel computes fewer than 12 selected filters, or any number when an
-# output has at most 32 multiply-adds (7 channels 1x1 here), by its row kernel (lanes over
-# windows, up to 8 filters a pass in even groups, 48 or 64 windows a chunk), and otherwise by
-# channel tiles of up to 64 filters (16 per vector; gathered from the selection unless every
-# filter is in).
+# With stride 1 the CPU kernel computes up to 16 selected filters (32 on long rows), or any
+# number when an output has at most 32 multiply-adds (7 channels 1x1 here), by its row kernel
+# (lanes over windows, up to 8 filters a pass in even groups, 48 or 64 windows a chunk), and
+# otherwise by channel tiles of up to 64 filters (16 per vector; gathered from the selection
+# unless every filter is in).
 
 
 def selection_of(kind: str, m: int, rng) -> np.ndarray:
@@ -261,6 +261,19 @@ def test_fixed_selection_equals_conv_on_the_selected_filters(kind, m, g, kernel)
     w = rng.standard_normal((m, 7) + kernel).astype(np.float32)
     b = rng.standard_normal(m).astype(np.float32)
     check_fixed_selection(x, w, b, g, chosen)
+
+
+@pytest.mark.parametrize("count", [16, 17, 25, 32, 33])
+@pytest.mark.parametrize("width", [9, 30])
+def test_row_kernel_and_tile_boundaries_by_row_length(count, width):
+    # 17 to 32 selected filters go by rows when a row is long enough that the junk windows of
+    # the padding columns cost at most an eighth of it (width 30 here), else by tiles.
+    rng = np.random.default_rng(count * 100 + width)
+    x = rng.standard_normal((2, 7, 6, width)).astype(np.float32)
+    w = rng.standard_normal((40, 7, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    chosen = np.sort(rng.choice(40, count, replace=False))
+    check_fixed_selection(x, w, b, ConvGeometry(pads=(1, 1, 1, 1)), chosen)
 
 
 @pytest.mark.parametrize("kind", ["few", "two-tiles", "most"])

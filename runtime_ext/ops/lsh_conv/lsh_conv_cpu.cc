@@ -69,18 +69,21 @@ struct ConvScratch {
   std::vector<float*> outs;
 };
 
-// Which micro-kernel computes `count` selected filters over `active` input channels: the row
-// kernel for stride 1 when a channel tile of 16 would be mostly padding (fewer than
-// kRowKernelMaxFilters filters) or when each output has so few multiply-adds (at most
-// kRowKernelMaxDepth = active kH kW) that the channel tiles' window-major buffer and
-// transposing store dominate; else the channel tiles. Both measured on the zoo's layers (e.g.
-// batch 64, f=1: 16->96 1x1 @28x28 2.7x faster by rows, 1->32 3x3 @28x28 1.8x; 16 filters
-// of 16->16 3x3 @28x28 faster by tiles).
-constexpr int64_t kRowKernelMaxFilters = 12;
+// Which micro-kernel computes `count` selected filters over `active` input channels at stride
+// 1: the row kernel when channel tiles would hold at most one vector of filters (its 24
+// accumulators need fewer load slots per multiply-add than a one-vector tile's 12), when up
+// to 32 filters meet rows long enough that the junk windows of the padding columns cost at
+// most an eighth, or when each output has so few multiply-adds (at most kRowKernelMaxDepth =
+// active kH kW) that the channel tiles' window-major buffer and transposing store dominate;
+// else the channel tiles. Measured on the zoo's layers, A/B in one process (e.g. batch 64:
+// 16 of 64 filters at 14x14 10-20% faster by rows, 25 of 64 at 14x14 ~10%, 32 of 128 at
+// 7x7 10% slower; f=1: 16->96 1x1 @28x28 2.7x faster by rows, 1->32 3x3 @28x28 1.8x).
 constexpr int64_t kRowKernelMaxDepth = 32;
 bool UseRowKernel(const Conv2dShape& g, int64_t count, int64_t active) {
-  return g.stride_h == 1 && g.stride_w == 1 &&
-         (count < kRowKernelMaxFilters || active * g.kH * g.kW <= kRowKernelMaxDepth);
+  if (g.stride_h != 1 || g.stride_w != 1) return false;
+  const int64_t junk = (g.kW - 1) * g.dilation_w;
+  return count <= kLanes || (count <= 2 * kLanes && 8 * junk <= g.OW + junk) ||
+         active * g.kH * g.kW <= kRowKernelMaxDepth;
 }
 
 // Every Compute call gets a distinct id, so a thread's SampleState never outlives its call.
