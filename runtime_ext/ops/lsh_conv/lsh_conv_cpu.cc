@@ -309,6 +309,45 @@ COMPRESSOR_CLONES void MaskedSums(const WindowMask& m, const float* image, int64
 // ldx, zero past cols up to a multiple of 16): each row of A is read once for the block of
 // samples (the planes are a large matrix: reading them is most of the hashing's cost).
 constexpr int64_t kProjectBlock = 8;
+
+// Rows [r0, r0 + R) of A against B samples: R B independent accumulator chains (one chain
+// per row for a single sample was bound by the multiply-add latency: ~10% of a small layer's
+// time at batch 1), each of A's and X's vectors loaded once per pass.
+template <int B, int R>
+COMPRESSOR_INLINE void ProjectBlock(const float* A, int64_t r0, int64_t rows, int64_t cols,
+                                    const float* X, int64_t ldx, float* Y) {
+  const int64_t full = cols / kLanes;
+  Vec16 acc[R][B] = {};
+  for (int64_t j = 0; j < full; ++j) {
+    Vec16 xv[B];
+#pragma GCC unroll 8
+    for (int i = 0; i < B; ++i) xv[i] = Load16(X + i * ldx + j * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const Vec16 av = Load16(A + (r0 + r) * cols + j * kLanes);
+#pragma GCC unroll 8
+      for (int i = 0; i < B; ++i) acc[r][i] += av * xv[i];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* a = A + (r0 + r) * cols;
+    for (int i = 0; i < B; ++i) {
+      float total = HorizontalSum(acc[r][i]);
+      for (int64_t k = full * kLanes; k < cols; ++k) total += a[k] * X[i * ldx + k];
+      Y[i * rows + r0 + r] = total;
+    }
+  }
+}
+
+template <int B>
+COMPRESSOR_INLINE void ProjectBlocks(const float* A, int64_t rows, int64_t cols, const float* X,
+                                     int64_t ldx, float* Y) {
+  constexpr int R = B >= 5 ? 1 : 8 / B;  // B = 3: 2 rows
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) ProjectBlock<B, R>(A, r, rows, cols, X, ldx, Y);
+  for (; r < rows; ++r) ProjectBlock<B, 1>(A, r, rows, cols, X, ldx, Y);
+}
+
 COMPRESSOR_CLONES void ProjectRows(const float* A, int64_t rows, int64_t cols, const float* X,
                                    int64_t ldx, int64_t count, float* Y) {
   const int64_t full = cols / kLanes;
@@ -323,21 +362,15 @@ COMPRESSOR_CLONES void ProjectRows(const float* A, int64_t rows, int64_t cols, c
     }
     return;
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* a = A + r * cols;
-    Vec16 acc[kProjectBlock] = {};
-    for (int64_t j = 0; j < full; ++j) {
-      const Vec16 av = Load16(a + j * kLanes);
-#pragma GCC unroll 8
-      for (int i = 0; i < kProjectBlock; ++i) {
-        if (i < count) acc[i] += av * Load16(X + i * ldx + j * kLanes);
-      }
-    }
-    for (int64_t i = 0; i < count; ++i) {
-      float total = HorizontalSum(acc[i]);
-      for (int64_t k = full * kLanes; k < cols; ++k) total += a[k] * X[i * ldx + k];
-      Y[i * rows + r] = total;
-    }
+  switch (count) {
+    case 1: ProjectBlocks<1>(A, rows, cols, X, ldx, Y); break;
+    case 2: ProjectBlocks<2>(A, rows, cols, X, ldx, Y); break;
+    case 3: ProjectBlocks<3>(A, rows, cols, X, ldx, Y); break;
+    case 4: ProjectBlocks<4>(A, rows, cols, X, ldx, Y); break;
+    case 5: ProjectBlocks<5>(A, rows, cols, X, ldx, Y); break;
+    case 6: ProjectBlocks<6>(A, rows, cols, X, ldx, Y); break;
+    case 7: ProjectBlocks<7>(A, rows, cols, X, ldx, Y); break;
+    default: ProjectBlocks<8>(A, rows, cols, X, ldx, Y); break;
   }
 }
 
