@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -49,3 +51,26 @@ def run(model: onnx.ModelProto, feeds: dict, provider: str = "cpu", threads: int
 @pytest.fixture(scope="session")
 def library() -> str:
     return runtime.library_path()
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    "cuda" not in runtime.available_providers(), reason="needs onnxruntime-gpu and a CUDA GPU")
+
+
+def run_on_cuda(model: onnx.ModelProto, feeds: dict, op: str):
+    """Outputs on the CUDA provider, checking from onnxruntime's profile that every `op` node
+    ran there (a kernel missing for CUDA would silently fall back to the CPU one)."""
+    so = runtime.session_options()
+    so.enable_profiling = True
+    runtime.register_library(so)
+    session = runtime.inference_session(model.SerializeToString(), so,
+                                        ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    outputs = session.run(None, feeds)
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    providers = {e["args"].get("provider") for e in events
+                 if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == op}
+    assert providers == {"CUDAExecutionProvider"}, providers
+    return outputs

@@ -17,7 +17,7 @@ from compressor import runtime
 from compressor.errors import RuntimeLibraryError
 from compressor.passes.diffconv import ConvGeometry, reference_diffconv
 
-from .conftest import conv_model, run
+from .conftest import conv_model, needs_cuda, run, run_on_cuda
 
 PATHS = ["auto", "conv", "dense", "sparse"]  # COMPRESSOR_DIFFCONV_PATH: every CPU code path
 
@@ -355,11 +355,6 @@ def test_empty_batch():
 
 # --- CUDA ------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(
-    "cuda" not in runtime.available_providers(), reason="needs onnxruntime-gpu and a CUDA GPU"
-)
-
-
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("threshold", [0.0, 0.5])
@@ -372,9 +367,7 @@ def test_cuda_matches_cpu(threshold, case):
         **attributes(g.strides, g.pads, g.dilations, threshold=threshold, restart=case["restart"]),
     )
     cpu_y, cpu_counts = run(model, {"X": x}, provider="cpu")
-    session = runtime.session(model, provider="cuda")
-    assert session.get_providers()[0] == "CUDAExecutionProvider"
-    cuda_y, cuda_counts = session.run(None, {"X": x})
+    cuda_y, cuda_counts = run_on_cuda(model, {"X": x}, "DiffConv")
     np.testing.assert_allclose(cuda_y, cpu_y, atol=tolerance(x, w), rtol=1e-4)
     assert cuda_counts.tolist() == cpu_counts.tolist()
 

@@ -22,6 +22,8 @@ from compressor.passes.lsh_conv import (
     reference_lsh_conv,
 )
 
+from .conftest import needs_cuda, run_on_cuda
+
 OP = "LSHConv"
 
 
@@ -459,27 +461,6 @@ def test_fuzz_random_shapes_and_attributes_never_crash(x_shape, w_shape, planes_
 
 # --- CUDA ------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(
-    "cuda" not in runtime.available_providers(), reason="needs onnxruntime-gpu and a CUDA GPU")
-
-
-def run_on_cuda(model, feeds):
-    """Outputs of the model on the CUDA provider, checking (from onnxruntime's profile) that
-    the op itself ran on CUDA rather than falling back to the CPU kernel."""
-    import json
-
-    so = runtime.session_options()
-    so.enable_profiling = True
-    runtime.register_library(so)
-    session = runtime.inference_session(model.SerializeToString(), so,
-                                        ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    outputs = session.run(None, feeds)
-    with open(session.end_profiling()) as f:
-        events = json.load(f)
-    providers = {e["args"].get("provider") for e in events
-                 if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == OP}
-    assert providers == {"CUDAExecutionProvider"}, providers
-    return outputs
 
 
 @pytest.mark.cuda
@@ -496,7 +477,7 @@ def test_cuda_matches_cpu_output_by_output(case, query, tables, bits, masked):
                       query=query, **geometry_attributes(g))
     feeds = {"X": x} | ({"CM": mask} if masked else {})
     cpu_y, cpu_selected = run(model, feeds, provider="cpu")
-    cuda_y, cuda_selected = run_on_cuda(model, feeds)
+    cuda_y, cuda_selected = run_on_cuda(model, feeds, OP)
     np.testing.assert_array_equal(cuda_selected, cpu_selected)
     np.testing.assert_allclose(cuda_y, cpu_y, atol=tolerance(x, w), rtol=1e-4)
 

@@ -4,8 +4,6 @@ naming the op, a fuzz over random shapes and attributes, and CUDA against CPU.""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import pytest
@@ -16,6 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from compressor import runtime
 from compressor.passes.diffconv import ConvGeometry, window_patches
 from compressor.passes.lsh_window import make_planes, reference_lsh_window_conv
+
+from .conftest import needs_cuda, run_on_cuda
 
 OP = "LSHWindowConv"
 
@@ -243,24 +243,6 @@ def test_fuzz_random_shapes_and_attributes_never_crash(x_shape, w_shape, planes_
 
 # --- CUDA ------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(
-    "cuda" not in runtime.available_providers(), reason="needs onnxruntime-gpu and a CUDA GPU")
-
-
-def run_on_cuda(model, feeds):
-    """Outputs on the CUDA provider, checking from onnxruntime's profile that the op ran there."""
-    so = runtime.session_options()
-    so.enable_profiling = True
-    runtime.register_library(so)
-    session = runtime.inference_session(model.SerializeToString(), so,
-                                        ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    outputs = session.run(None, feeds)
-    with open(session.end_profiling()) as f:
-        events = json.load(f)
-    providers = {e["args"].get("provider") for e in events
-                 if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == OP}
-    assert providers == {"CUDAExecutionProvider"}, providers
-    return outputs
 
 
 @pytest.mark.cuda
@@ -274,7 +256,7 @@ def test_cuda_matches_cpu_output_by_output(case, bits):
     assume(margin(x, w, planes, g) > 1e-4)
     model = window_model(x.shape, w, planes, b, **geometry_attributes(g))
     cpu_y, cpu_buckets = run(model, {"X": x}, provider="cpu")
-    cuda_y, cuda_buckets = run_on_cuda(model, {"X": x})
+    cuda_y, cuda_buckets = run_on_cuda(model, {"X": x}, OP)
     np.testing.assert_array_equal(cuda_buckets, cpu_buckets)
     np.testing.assert_allclose(cuda_y, cpu_y, atol=tolerance(x, w), rtol=1e-4)
 
