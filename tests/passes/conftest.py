@@ -103,3 +103,26 @@ def deep_mlp(rng):
             nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
             prev = f"r{i}"
     return Built(make_model(nodes, inits, [24]))
+
+
+@pytest.fixture
+def compress_zoo(tmp_path):
+    """compress_zoo(name, method, ratio, calib_samples): the trained zoo model `name` through
+    the whole pipeline (calibrated on the bundled images), loaded back and checked as valid
+    ONNX; skips when its checkpoint is missing."""
+    from compressor.models import zoo
+    from compressor.pipeline import CompressOptions
+    from compressor.pipeline import compress as run_pipeline
+
+    def compress(name: str, method: str, ratio: float, calib_samples: int) -> onnx.ModelProto:
+        checkpoint = zoo.get(name).checkpoint
+        if not checkpoint.is_file():
+            pytest.skip(f"no checkpoint for {name}")
+        result = run_pipeline(CompressOptions(
+            model=checkpoint, arch=name, method=method, ratio=ratio, calib_samples=calib_samples,
+            data=str(zoo.DATA_DIR / "fashion_mnist_calib.npz"), output=tmp_path / f"{name}.onnx"))
+        proto = onnx.load(str(result.output))
+        onnx.checker.check_model(proto, full_check=True)
+        return proto
+
+    return compress

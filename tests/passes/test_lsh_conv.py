@@ -174,19 +174,8 @@ def test_tables_hold_every_filter_once_per_table():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lenet5", "vgg", "resnet20", "mobilenetv2"])
-def test_zoo_models_stay_valid_and_run(name, tmp_path):
-    from compressor.models import zoo
-    from compressor.pipeline import CompressOptions
-    from compressor.pipeline import compress as run_pipeline
-
-    checkpoint = zoo.get(name).checkpoint
-    if not checkpoint.is_file():
-        pytest.skip(f"no checkpoint for {name}")
-    result = run_pipeline(CompressOptions(
-        model=checkpoint, arch=name, method="lsh-conv", ratio=0.5, calib_samples=32,
-        data=str(zoo.DATA_DIR / "fashion_mnist_calib.npz"), output=tmp_path / f"{name}.onnx"))
-    proto = onnx.load(str(result.output))
-    onnx.checker.check_model(proto, full_check=True)
+def test_zoo_models_stay_valid_and_run(name, compress_zoo):
+    proto = compress_zoo(name, "lsh-conv", 0.5, 32)
     assert any(n.op_type == OP_TYPE for n in proto.graph.node)
     session = runtime.session(proto)
     y = session.run(None, {session.get_inputs()[0].name: np.zeros((2, 1, 28, 28), np.float32)})[0]

@@ -121,19 +121,8 @@ def test_needs_calibration_data_and_checks_options():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lenet5", "vgg", "resnet20", "mobilenetv2"])
-def test_zoo_models_stay_valid_and_run(name, tmp_path):
-    from compressor.models import zoo
-    from compressor.pipeline import CompressOptions
-    from compressor.pipeline import compress as run_pipeline
-
-    checkpoint = zoo.get(name).checkpoint
-    if not checkpoint.is_file():
-        pytest.skip(f"no checkpoint for {name}")
-    result = run_pipeline(CompressOptions(
-        model=checkpoint, arch=name, method="lsh-window", ratio=0.75, calib_samples=16,
-        data=str(zoo.DATA_DIR / "fashion_mnist_calib.npz"), output=tmp_path / f"{name}.onnx"))
-    proto = onnx.load(str(result.output))
-    onnx.checker.check_model(proto, full_check=True)
+def test_zoo_models_stay_valid_and_run(name, compress_zoo):
+    proto = compress_zoo(name, "lsh-window", 0.75, 16)
     session = runtime.session(proto)
     y = session.run(None, {session.get_inputs()[0].name: np.zeros((2, 1, 28, 28), np.float32)})[0]
     assert y.shape == (2, 10) and np.all(np.isfinite(y))
