@@ -46,14 +46,16 @@ void ParallelUnits(OrtKernelContext* context, size_t total, Fn&& fn) {
   if (!error.empty()) throw OpError(error, ORT_FAIL);
 }
 
-// Whether a convolution call should run on the calling thread: with spinning off, waking
-// ORT's pool cost more than the second core gained on the 2-core machine we measured on
-// (DiffConv and LSHConv at batch 1: median 1.35x -> 1.15x of Conv's time for DiffConv at
-// threshold 0) for calls of under 8e6 dense multiply-adds that also write under 1e5 output
-// floats; a first layer (1->16 3x3 at 28x28, batch 64: 7e6 multiply-adds, 8e5 outputs) is
-// bound by writing its output and ran 2x slower on one thread.
-inline bool RunInline(double multiply_adds, double outputs) {
-  return multiply_adds < 8e6 && outputs < 1e5;
+// Whether a convolution call (any shape with N, M, OH, OW and D() = C kH kW) should run on the
+// calling thread: under 8e6 dense multiply-adds and 1e5 output floats (every zoo layer at
+// batch 1). With spinning off, waking ORT's pool cost more than the second core gained on the
+// 2-core machine we measured on (DiffConv at batch 1: median 1.26x -> 1.11x of Conv's time at
+// threshold 0); a first layer (1->16 3x3 at 28x28, batch 64: 7e6 multiply-adds but 8e5
+// outputs) is bound by writing its output and ran 2x slower on one thread.
+template <class Shape>
+bool RunInline(const Shape& g) {
+  const double outputs = static_cast<double>(g.N) * static_cast<double>(g.M * g.OH * g.OW);
+  return outputs * static_cast<double>(g.D()) < 8e6 && outputs < 1e5;
 }
 
 // [begin, end) of block i when `total` items are cut into `blocks` near-equal blocks.

@@ -26,12 +26,18 @@ namespace compressor {
 
 inline constexpr const char* kDiffConvName = "DiffConv";
 
-// The op as ORT sees it (common/ort_op.h, KernelOp): inputs X, W, B (optional); outputs Y, counts (optional).
+// The op as ORT sees it (common/ort_op.h, KernelOp): inputs X, W, B (optional); outputs Y, counts
+// (optional).
 struct DiffConvSignature {
   static constexpr const char* kName = kDiffConvName;
-  static constexpr ONNXTensorElementDataType kInputs[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr ONNXTensorElementDataType kInputs[] = {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr size_t kFirstOptionalInput = 2;
-  static constexpr ONNXTensorElementDataType kOutputs[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64};
+  static constexpr ONNXTensorElementDataType kOutputs[] = {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64};
   static constexpr size_t kFirstOptionalOutput = 1;
 };
 

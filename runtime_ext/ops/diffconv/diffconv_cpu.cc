@@ -52,12 +52,6 @@ double SparseDensityLimit(int64_t channels) {
   return std::min(0.30, 0.15 + 0.004 * static_cast<double>(channels - 8));
 }
 
-// Small calls run on the calling thread (common/cpu_parallel.h).
-bool Inline(const DiffConvGeometry& g) {
-  return RunInline(static_cast<double>(g.DenseMultiplications()),
-                   static_cast<double>(g.N) * static_cast<double>(g.M * g.OH * g.OW));
-}
-
 // A unit's output buffer (its rows x 64 channels) should stay in L1 (48 KiB here).
 constexpr int64_t kBufferBytes = 32 * 1024;
 
@@ -475,7 +469,7 @@ class DiffConvCpuKernel {
 
     // Units: images x blocks of output rows, at least 3 per thread when the batch is small
     // (inline: one per image), and few enough rows that the unit's output buffer stays in L1.
-    const bool inline_units = Inline(g);
+    const bool inline_units = RunInline(g);  // small calls: on the calling thread
     const int64_t blocks_per_image =
         inline_units ? 1 : std::clamp<int64_t>(CeilDiv(3 * HardwareThreads(), g.N), 1, g.OH);
     const int64_t row_bytes = g.OW * std::min(kTileWidth, RoundUp(g.M, kLanes)) *

@@ -36,14 +36,24 @@ namespace compressor {
 
 inline constexpr const char* kLshConvName = "LSHConv";
 
-// The op as ORT sees it (common/ort_op.h, KernelOp): inputs X, W, planes, buckets, B and channel mask (optional); outputs Y, selected (optional).
+// The op as ORT sees it (common/ort_op.h, KernelOp): inputs X, W, planes, buckets, B and channel
+// mask (optional); outputs Y, selected (optional).
 struct LshConvSignature {
   static constexpr const char* kName = kLshConvName;
-  static constexpr ONNXTensorElementDataType kInputs[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL};
+  static constexpr ONNXTensorElementDataType kInputs[] = {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL};
   static constexpr size_t kFirstOptionalInput = 4;
-  static constexpr ONNXTensorElementDataType kOutputs[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL};
+  static constexpr ONNXTensorElementDataType kOutputs[] = {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL};
   static constexpr size_t kFirstOptionalOutput = 1;
 };
+
 inline constexpr int64_t kLshConvMaxBits = 16;  // a table has 2^K buckets
 
 enum class LshQuery { kMean, kColumns };

@@ -350,18 +350,6 @@ COMPRESSOR_INLINE void ProjectBlocks(const float* A, int64_t rows, int64_t cols,
 
 COMPRESSOR_CLONES void ProjectRows(const float* A, int64_t rows, int64_t cols, const float* X,
                                    int64_t ldx, int64_t count, float* Y) {
-  const int64_t full = cols / kLanes;
-  if (full == 0) {  // short rows (a first layer's few inputs): no vectors to sum across
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* a = A + r * cols;
-      for (int64_t i = 0; i < count; ++i) {
-        float total = 0.0f;
-        for (int64_t k = 0; k < cols; ++k) total += a[k] * X[i * ldx + k];
-        Y[i * rows + r] = total;
-      }
-    }
-    return;
-  }
   switch (count) {
     case 1: ProjectBlocks<1>(A, rows, cols, X, ldx, Y); break;
     case 2: ProjectBlocks<2>(A, rows, cols, X, ldx, Y); break;
@@ -614,8 +602,7 @@ class LshConvCpuKernel {
     // planes are read once per block rather than once per sample.
     const bool empty = g.OH == 0 || g.OW == 0;
     // Small calls run on the calling thread (every zoo layer at batch 1).
-    const double outputs = static_cast<double>(g.N) * static_cast<double>(g.M * g.OH * g.OW);
-    OrtKernelContext* pool = RunInline(outputs * static_cast<double>(g.D()), outputs) ? nullptr : raw_context;
+    OrtKernelContext* pool = RunInline(g) ? nullptr : raw_context;
     const int64_t threads = pool == nullptr ? 1 : HardwareThreads();
     std::vector<uint64_t> selections;  // [N][t.words] when selected up front
     if (g.N >= 2 * kProjectBlock * threads) {

@@ -32,14 +32,22 @@ namespace compressor {
 
 inline constexpr const char* kLshWindowConvName = "LSHWindowConv";
 
-// The op as ORT sees it (common/ort_op.h, KernelOp): inputs X, W, planes, B (optional); outputs Y, counts (optional).
+// The op as ORT sees it (common/ort_op.h, KernelOp): inputs X, W, planes, B (optional); outputs Y,
+// counts (optional).
 struct LshWindowConvSignature {
   static constexpr const char* kName = kLshWindowConvName;
-  static constexpr ONNXTensorElementDataType kInputs[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr ONNXTensorElementDataType kInputs[] = {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr size_t kFirstOptionalInput = 3;
-  static constexpr ONNXTensorElementDataType kOutputs[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64};
+  static constexpr ONNXTensorElementDataType kOutputs[] = {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64};
   static constexpr size_t kFirstOptionalOutput = 1;
 };
+
 inline constexpr int64_t kLshWindowConvMaxBits = 32;
 
 // The number of hyperplanes K, checked against the convolution.
