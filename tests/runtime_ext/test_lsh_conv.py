@@ -182,10 +182,8 @@ def test_property_matches_reference(case, query, tables, bits, masked):
     np.testing.assert_allclose(y, expected, atol=tolerance(x, w), rtol=1e-4)
 
 
-
-# The mean query's window sums at stride 1 come from ranges of rows and columns (the total
-# minus the edges outside each kernel entry's range): pads of every size, dilations, and
-# kernel rows or columns that read nothing at all.
+# The mean query's window sums at stride 1 (each kernel entry reads one range of rows and one
+# of columns): pads of every size, dilations, and kernel rows or columns that read nothing.
 @pytest.mark.parametrize("size, kernel, pads, dilations", [
     ((28, 28), (3, 3), (1, 1, 1, 1), (1, 1)),
     ((13, 9), (3, 5), (0, 2, 3, 1), (1, 1)),
@@ -211,6 +209,37 @@ def test_mean_query_window_sums_at_stride_1_match_reference(size, kernel, pads, 
     np.testing.assert_array_equal(selected, expected_selected)
     assert 0 < selected.mean() < 1
     np.testing.assert_allclose(y, expected, atol=tolerance(x, w), rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [16, 18, 19, 20, 21, 22, 23])
+def test_selection_up_front_in_blocks_of_every_size_matches_reference(batch):
+    # From 16 samples a small call selects first, in blocks of up to 8 samples that share one
+    # pass over the planes; the last block holds batch - 16 (0: none, then 2 to 7) samples.
+    # Those samples get channel levels of their own, and the planes are chosen so that none of
+    # them selects what an earlier sample selects: a block that mixed up its samples (or read
+    # another block's projections) could not match the reference by chance.
+    rng = np.random.default_rng(batch)
+    levels = rng.normal(0, 2, (batch, 5, 1, 1))
+    levels[16:] += rng.normal(0, 6, (batch - 16, 5, 1, 1))
+    x = np.maximum(rng.standard_normal((batch, 5, 7, 7)) + levels, 0).astype(np.float32)
+    w = rng.standard_normal((64, 5, 3, 3)).astype(np.float32)
+    g = ConvGeometry(pads=(1, 1, 1, 1))
+    for seed in range(100):
+        planes, buckets = build_tables(w, None, plane_set(seed, 6, 6, w[0].size + 1 + 3))
+        if margin(x, w, planes, g, "mean") < 1e-4:
+            continue
+        expected, expected_selected = reference_lsh_conv(x, w, None, planes, buckets, g, "mean", None)
+        earlier = {row.tobytes() for row in expected_selected[:16]}
+        last = [row.tobytes() for row in expected_selected[16:]]
+        if len(set(last)) == len(last) and not earlier & set(last):
+            break
+    else:
+        pytest.fail("no planes that tell the last block's samples apart")
+    y, selected = run(lsh_model(x.shape, w, planes, buckets, query="mean", **geometry_attributes(g)),
+                      {"X": x})
+    np.testing.assert_array_equal(selected, expected_selected)
+    np.testing.assert_allclose(y, expected, atol=tolerance(x, w), rtol=1e-4)
+
 
 # --- fixed selections: the CPU micro-kernels' tile and block boundaries ---------------------
 # With stride 1 the CPU kernel computes up to 16 selected filters (32 on long rows), or any
