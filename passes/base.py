@@ -41,6 +41,8 @@ class LayerRecord:
     error_basis: str = ""
     detail: str = ""
     skipped: str | None = None
+    latency_before_ms: float | None = None  # measured, when the pass chose by time
+    latency_after_ms: float | None = None  # measured or predicted for the chosen form
 
     @property
     def changed(self) -> bool:
