@@ -14,6 +14,12 @@ Two schemes for a k x k Conv, one for a matrix product:
 Per-layer ranks meet ``ratio`` (the fraction of the model's MACs to keep) with the least total
 predicted loss (``budget.allocate``); a layer whose factorised form costs as much as the dense
 one stays dense.
+
+With ``speedup`` and a ``LatencyTable`` the budget is time: every candidate (dense, and each
+rank of each scheme on the rank grid) is timed in its real context, the layer's real input
+shape at the table's batch plus the activation onnxruntime fuses after it, and the whole model
+once (T). The chosen forms must fit ``T / speedup - (T - sum of the layers' dense times)``; a
+form measured slower than its dense layer is never chosen. ``ratio`` then caps the MACs too.
 """
 
 from __future__ import annotations
@@ -26,8 +32,15 @@ import onnx
 import onnx_ir as ir
 
 from compressor.errors import OptionError
+from compressor.latency import (
+    LatencyTable,
+    activation_nodes,
+    candidate_model,
+    filler,
+    fused_activation,
+)
 from compressor.passes.base import Pass, PassConfig, PassResult
-from compressor.passes.budget import Option, allocate
+from compressor.passes.budget import EXCLUDED_REASON, Option, allocate
 from compressor.passes.calibrate import Calibration, CrossMoments
 from compressor.passes.graph import (
     ConvAttributes,
@@ -62,7 +75,10 @@ class SVDConfig(PassConfig):
     ~18 GMAC/s per core).
     sequential: with calibration data, fit each channel-factorised layer, in graph order, to
     the inputs it sees once the layers before it are compressed (asymmetric reconstruction,
-    Zhang et al. 2016), so errors do not pile up through the network."""
+    Zhang et al. 2016), so errors do not pile up through the network.
+    speedup: with a latency table, make the model this many times faster by measured time
+    (``ratio`` then caps the MACs as well: 1.0 for no cap). exclude: names of layers to leave
+    dense (the pipeline rolls back layers measured slower in the final model through it)."""
 
     ratio: float = 0.5
     rank: int | None = None
@@ -73,10 +89,20 @@ class SVDConfig(PassConfig):
     sequential: bool = True
     max_rows_per_batch: int = 20000
     seed: int = 0
+    speedup: float | None = None
+    exclude: frozenset[str] = frozenset()
 
     def __post_init__(self):
         if not 0 < self.ratio <= 1:
             raise OptionError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if self.speedup is not None:
+            if not self.speedup >= 1:
+                raise OptionError(f"--speedup must be >= 1 (how many times faster), "
+                                  f"got {self.speedup}")
+            if self.rank is not None or self.energy is not None:
+                raise OptionError("--speedup chooses the ranks by time: it cannot be combined "
+                                  "with --rank or --energy")
+        object.__setattr__(self, "exclude", frozenset(self.exclude))
         if self.rank_multiple < 1:
             raise OptionError(f"rank multiple must be >= 1, got {self.rank_multiple}")
         if self.rank is not None and self.rank < 1:
@@ -100,15 +126,27 @@ def _loss(relative_sq_error: float) -> float:
     return -math.log(max(1.0 - relative_sq_error, 1e-9))
 
 
+@dataclass
+class _Timing:
+    """What the latency allocation decided for one layer."""
+
+    dense_ms: float
+    chosen_ms: float
+    reason: str | None  # why it stayed dense, when it did
+
+
 class LowRankSVDPass(Pass):
-    """Factorise Conv/Gemm/MatMul layers by (data-aware) SVD to meet a MACs budget."""
+    """Factorise Conv/Gemm/MatMul layers by (data-aware) SVD to meet a MACs budget, or, with
+    ``speedup``, a measured-time budget."""
 
     name = "svd"
     config_class = SVDConfig
 
-    def __init__(self, config: SVDConfig | None = None, calibration: Calibration | None = None):
+    def __init__(self, config: SVDConfig | None = None, calibration: Calibration | None = None,
+                 latency: LatencyTable | None = None):
         super().__init__(config)
         self.calibration = calibration
+        self.latency = latency
 
     def call(self, model: ir.Model) -> PassResult:
         cfg: SVDConfig = self.config
@@ -122,13 +160,21 @@ class LowRankSVDPass(Pass):
 
         analyses = {}
         for layer in layers:
+            if layer.name in cfg.exclude:
+                continue
             m = moments.get(layer.name)
             cov = m.covariance if m is not None else np.eye(layer.fan_in)
             analyses[layer.name] = _LayerAnalysis(layer, cov, None if m is None else m.mean, cfg)
 
-        fixed_macs = total_macs - sum(layer.dense_macs for layer in layers)
+        outside_macs = total_macs - sum(layer.dense_macs for layer in layers)
+        fixed_macs = total_macs - sum(a.layer.dense_macs for a in analyses.values())
+        timing: dict[str, _Timing] = {}
+        latency_stats: dict[str, float | int] = {}
         if cfg.rank is not None or cfg.energy is not None:
-            chosen = [a.fixed_choice() for a in analyses.values()]
+            chosen = {name: a.fixed_choice() for name, a in analyses.items()}
+        elif cfg.speedup is not None:
+            chosen, timing, latency_stats = self._choose_by_latency(proto, analyses, total_macs,
+                                                                    notes)
         else:
             budget = cfg.ratio * total_macs - fixed_macs
             multiple = cfg.rank_multiple
@@ -147,19 +193,28 @@ class LowRankSVDPass(Pass):
                     f"ratio {cfg.ratio} is not reachable by SVD alone: every layer at its "
                     f"cheapest form keeps {(allocation.macs + fixed_macs) / total_macs:.3f}"
                 )
-            chosen = [o.payload for o in allocation.choices]
+            chosen = {name: o.payload
+                      for name, o in zip(analyses, allocation.choices, strict=True)}
 
         names = NameScope(model.graph)
         basis = "calibration" if data_aware else "weights"
         sequential = data_aware and cfg.sequential
         upstream_changed = False
-        for layer, choice in zip(layers, chosen, strict=True):
-            analysis = analyses[layer.name]
+        for layer in layers:
+            if layer.name in cfg.exclude:
+                records.append(layer.record(skipped=EXCLUDED_REASON, error=0.0))
+                continue
+            analysis, choice = analyses[layer.name], chosen[layer.name]
+            timed = timing.get(layer.name)
+            measured = ({} if timed is None else
+                        {"latency_before_ms": timed.dense_ms, "latency_after_ms": timed.chosen_ms})
             if choice is None:
                 reason = analysis.dense_reason
                 if cfg.rank is None and cfg.energy is None and len(analysis.options()) > 1:
                     reason = "kept dense: the ratio is met with less error in other layers"
-                records.append(layer.record(skipped=reason, error=0.0))
+                if timed is not None and timed.reason is not None:
+                    reason = timed.reason
+                records.append(layer.record(skipped=reason, error=0.0, **measured))
                 continue
             error = relative_error(choice.sq_error, 1.0)
             # The refit solves a least-squares problem in the layer's fan-in: with fewer
@@ -180,9 +235,9 @@ class LowRankSVDPass(Pass):
             upstream_changed = True
             records.append(layer.record(
                 shape_after=shape_after, macs_after=macs, params_after=params,
-                error=error, error_basis=basis, detail=detail,
+                error=error, error_basis=basis, detail=detail, **measured,
             ))
-        macs_after = fixed_macs + sum(r.macs_after for r in records if r.macs_before)
+        macs_after = outside_macs + sum(r.macs_after for r in records if r.macs_before)
         return PassResult(
             model=model,
             modified=any(r.skipped is None for r in records),
@@ -190,8 +245,63 @@ class LowRankSVDPass(Pass):
             notes=notes,
             stats={"macs_before": total_macs, "macs_after": macs_after,
                    "ratio_reached": macs_after / total_macs if total_macs else 1.0,
-                   "data_aware": data_aware},
+                   "data_aware": data_aware, **latency_stats},
         )
+
+    def _choose_by_latency(self, proto: onnx.ModelProto, analyses: dict[str, _LayerAnalysis],
+                           total_macs: int, notes: list[str]):
+        """Ranks by measured time: every candidate of every layer that has one is timed in
+        context, the whole model once, and the allocation fits the time budget (and the MACs
+        cap of ``ratio`` < 1). Returns the choices, per-layer timings and the pass's stats."""
+        cfg: SVDConfig = self.config
+        if self.latency is None:
+            self.latency = LatencyTable()
+        table = self.latency
+        hits, misses = table.hits, table.misses
+        whole_ms = table.time(proto)
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
+        timed = [a for a in analyses.values() if len(a.options()) > 1]
+        option_sets = [a.timed_options(table, opset) for a in timed]
+        dense_ms = sum(opts[0].cost for opts in option_sets)
+        target_ms = whole_ms / cfg.speedup
+        budget = target_ms - (whole_ms - dense_ms)
+        macs_budget = None
+        if cfg.ratio < 1:
+            macs_budget = cfg.ratio * total_macs - (
+                total_macs - sum(a.layer.dense_macs for a in timed))
+        allocation = allocate(option_sets, budget, key="cost", macs_budget=macs_budget)
+        predicted_ms = whole_ms - dense_ms + allocation.cost
+        if predicted_ms > target_ms * (1 + 1e-9):
+            notes.append(f"speedup {cfg.speedup:g} not reachable by svd alone: predicted "
+                         f"{whole_ms / predicted_ms:.2f}x ({predicted_ms:.3f} ms of "
+                         f"{whole_ms:.3f} ms)")
+        elif not allocation.feasible:
+            kept = (allocation.macs + total_macs - sum(a.layer.dense_macs for a in timed))
+            notes.append(f"ratio {cfg.ratio} (the MACs cap beside --speedup) is not reachable "
+                         f"together with speedup {cfg.speedup:g} by svd alone: the fastest "
+                         f"forms keep {kept / total_macs:.3f} of the MACs")
+        chosen = {name: None for name in analyses}
+        timing = {}
+        for analysis, opts, option, dropped in zip(timed, option_sets, allocation.choices,
+                                                   allocation.dropped, strict=True):
+            chosen[analysis.layer.name] = option.payload
+            reason = None
+            if option.payload is None:
+                if len(dropped) == len(opts) - 1:
+                    fastest = min(o.cost for o in dropped)
+                    reason = (f"kept dense: every factorised form measured slower than dense "
+                              f"(fastest {fastest:.4f} ms, dense {opts[0].cost:.4f} ms)")
+                else:
+                    reason = "kept dense: the speedup is met with less error in other layers"
+            timing[analysis.layer.name] = _Timing(opts[0].cost, option.value("cost"), reason)
+        stats = {
+            "latency_ms_before": whole_ms,
+            "predicted_latency_ms": predicted_ms,
+            "predicted_speedup": whole_ms / predicted_ms if predicted_ms > 0 else float("inf"),
+            "latency_cache_hits": table.hits - hits,
+            "latency_cache_misses": table.misses - misses,
+        }
+        return chosen, timing, stats
 
 
 class _LayerAnalysis:
@@ -296,6 +406,93 @@ class _LayerAnalysis:
             self._options[self.multiple] = opts
         return self._options[self.multiple]
 
+    def timed_options(self, table: LatencyTable, opset: int) -> list[Option]:
+        """``options()`` with their measured cost (ms), the dense option first and marked."""
+        activation = fused_activation(self.layer.node)
+        out = []
+        for option in self.options():
+            ms = table.time(self.timing_model(option.payload, table.context.batch, activation,
+                                              opset))
+            out.append(Option(option.macs, option.loss, option.payload, cost=ms,
+                              dense=option.payload is None))
+        return out
+
+    def timing_model(self, choice: _Choice | None, batch: int, activation: ir.Node | None,
+                     opset: int) -> onnx.ModelProto:
+        """The layer alone, dense (``choice`` None) or factorised as ``apply`` writes it, on
+        its real input shape at ``batch``, followed by the activation onnxruntime fuses with
+        it (after the second stage, for a factorised form). Weights are fillers: the time
+        does not depend on their values."""
+        layer = self.layer
+        x_shape = (batch, *layer.input_shape[1:])
+        inits: dict[str, np.ndarray] = {}
+
+        def weight(name: str, shape) -> str:
+            inits[name] = filler(shape)
+            return name
+
+        has_bias = layer.bias is not None or self.mean is not None
+        o, fan_in = layer.outputs, layer.fan_in
+        if choice is None:
+            if layer.kind == "conv":
+                inputs = ["x", weight("w", layer.original_weight_shape)]
+                if layer.bias is not None:
+                    inputs.append(weight("b", (o,)))
+                nodes = [_conv_proto(inputs, "z", layer.conv)]
+            elif layer.kind == "gemm":
+                node = ir.serde.serialize_node(layer.node)
+                inputs = ["x", weight("w", layer.original_weight_shape)]
+                if len(layer.node.inputs) > 2 and layer.node.inputs[2] is not None:
+                    inputs.append(weight("b", layer.node.inputs[2].const_value.shape))
+                del node.input[:]
+                del node.output[:]
+                node.input.extend(inputs)
+                node.output.append("z")
+                node.name = "dense"
+                nodes = [node]
+            else:
+                nodes = [onnx.helper.make_node(
+                    "MatMul", ["x", weight("w", layer.original_weight_shape)], ["z"])]
+        elif choice.scheme == "channel":
+            r = choice.rank
+            bias = [weight("b", (o,))] if has_bias else []
+            if layer.kind == "conv":
+                kh, kw = layer.conv.kernel
+                one = ConvAttributes((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1)
+                nodes = [
+                    _conv_proto(["x", weight("w1", (r, fan_in // (kh * kw), kh, kw))], "h",
+                                layer.conv),
+                    _conv_proto(["h", weight("w2", (o, r, 1, 1)), *bias], "z", one),
+                ]
+            elif layer.kind == "gemm":
+                nodes = [
+                    onnx.helper.make_node("Gemm", ["x", weight("w1", (r, fan_in))], ["h"],
+                                          transB=1),
+                    onnx.helper.make_node("Gemm", ["h", weight("w2", (o, r)), *bias], ["z"],
+                                          transB=1),
+                ]
+            else:
+                nodes = [
+                    onnx.helper.make_node("MatMul", ["x", weight("w1", (fan_in, r))], ["h"]),
+                    onnx.helper.make_node("MatMul", ["h", weight("w2", (r, o))],
+                                          ["u" if bias else "z"]),
+                ]
+                if bias:
+                    nodes.append(onnx.helper.make_node("Add", ["u", *bias], ["z"]))
+        else:
+            r = choice.rank
+            c, kh, kw = layer.original_weight_shape[1:]
+            v_attrs, h_attrs = _spatial_attributes(layer.conv)
+            nodes = [
+                _conv_proto(["x", weight("wv", (r, c, kh, 1))], "h", v_attrs),
+                _conv_proto(["h", weight("wh", (o, r, 1, kw)), weight("b", (o,))], "z",
+                            h_attrs),
+            ]
+        act, act_inits, out = activation_nodes(activation, "z", "y")
+        inits.update(act_inits)
+        return candidate_model(nodes + act, {"x": (x_shape, np.float32)},
+                               {out: (None, np.float32)}, inits, opset)
+
     def fixed_choice(self) -> _Choice | None:
         """The choice under --rank or --energy (the cheapest that satisfies it)."""
         if self.cfg.rank is not None:
@@ -384,14 +581,10 @@ class _LayerAnalysis:
         return relative_error(sq, energy)
 
     def _replace_spatial(self, model, vertical, horizontal, bias, names: NameScope, rank: int):
-        layer, attrs = self.layer, self.layer.conv
+        layer = self.layer
         graph = model.graph
-        top, left, bottom, right = attrs.pads
         base = names(f"{layer.name}_svd{rank}")
-        v_attrs = ConvAttributes((attrs.kernel[0], 1), (attrs.strides[0], 1), (top, 0, bottom, 0),
-                                 (attrs.dilations[0], 1), 1)
-        h_attrs = ConvAttributes((1, attrs.kernel[1]), (1, attrs.strides[1]), (0, left, 0, right),
-                                 (1, attrs.dilations[1]), 1)
+        v_attrs, h_attrs = _spatial_attributes(layer.conv)
         wv = add_initializer(graph, names(base + "_vertical"), vertical)
         first = conv_node(layer.node.inputs[0], wv, None, v_attrs, names(base + "_vertical"))
         wh = add_initializer(graph, names(base + "_horizontal"), horizontal)
@@ -402,3 +595,19 @@ class _LayerAnalysis:
         first.outputs[0].name = names(base + "_hidden")
         replace_node(graph, layer.node, [first, second])
         self._spatial_nodes = (first.outputs[0].name, h_attrs, wh, b)
+
+
+def _spatial_attributes(attrs: ConvAttributes) -> tuple[ConvAttributes, ConvAttributes]:
+    """The k x 1 and 1 x k convolutions of spatial SVD, splitting strides, pads, dilations."""
+    top, left, bottom, right = attrs.pads
+    vertical = ConvAttributes((attrs.kernel[0], 1), (attrs.strides[0], 1), (top, 0, bottom, 0),
+                              (attrs.dilations[0], 1), 1)
+    horizontal = ConvAttributes((1, attrs.kernel[1]), (1, attrs.strides[1]),
+                                (0, left, 0, right), (1, attrs.dilations[1]), 1)
+    return vertical, horizontal
+
+
+def _conv_proto(inputs: list[str], output: str, attrs: ConvAttributes) -> onnx.NodeProto:
+    return onnx.helper.make_node(
+        "Conv", inputs, [output], kernel_shape=list(attrs.kernel), strides=list(attrs.strides),
+        pads=list(attrs.pads), dilations=list(attrs.dilations), group=attrs.group)
