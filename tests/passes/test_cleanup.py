@@ -245,10 +245,11 @@ def test_output_is_topologically_sorted():
 
 def test_repr_and_frozen_config():
     assert repr(CleanupPass()) == (
-        "CleanupPass(fold_batchnorm=True, fold_constants=True, remove_dead=True)"
+        "CleanupPass(fold_batchnorm=True, fold_constants=True, fold_pads=True, remove_dead=True)"
     )
     assert repr(CleanupPass(CleanupConfig(remove_dead=False))) == (
-        "CleanupPass(fold_batchnorm=True, fold_constants=True, remove_dead=False)"
+        "CleanupPass(fold_batchnorm=True, fold_constants=True, fold_pads=True, "
+        "remove_dead=False)"
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         CleanupConfig().fold_batchnorm = False  # type: ignore[misc]
