@@ -28,7 +28,16 @@ import onnx_ir as ir
 import torch
 
 from compressor.errors import OptionError
+from compressor.latency import (
+    WHOLE_MODEL_MIN_TIME_S,
+    LatencyTable,
+    activation_nodes,
+    candidate_model,
+    filler,
+    fused_activation,
+)
 from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
+from compressor.passes.budget import EXCLUDED_REASON
 from compressor.passes.calibrate import Calibration, conv_patches, feature_rows
 from compressor.passes.dependency import (
     ChannelGroup,
@@ -63,7 +72,10 @@ class PruneConfig(PassConfig):
     refit: with calibration data, least-squares refit of the layers reading pruned channels,
     layer by layer on the pruned network's own activations (else only their bias is
     corrected). ridge: pull of the refit towards the plainly pruned weights, relative to the
-    mean input energy. lsh_bits/lsh_tables: SimHash of the ``lsh`` criterion."""
+    mean input energy. lsh_bits/lsh_tables: SimHash of the ``lsh`` criterion.
+    speedup: with a latency table, prune until the model is predicted this many times faster
+    by measured time (``ratio`` then caps the MACs as well: 1.0 for no cap). exclude: names of
+    layers to keep dense: every group they produce or read is left whole."""
 
     ratio: float = 0.5
     criterion: str = "l1"
@@ -76,9 +88,15 @@ class PruneConfig(PassConfig):
     ridge: float = 0.003
     max_rows_per_batch: int = 8192
     seed: int = 0
+    speedup: float | None = None
+    exclude: frozenset[str] = frozenset()
 
     def __post_init__(self):
         check_common(self.ratio, self.min_channels_fraction, self.channel_multiple)
+        if self.speedup is not None and not self.speedup >= 1:
+            raise OptionError(f"--speedup must be >= 1 (how many times faster), "
+                              f"got {self.speedup}")
+        object.__setattr__(self, "exclude", frozenset(self.exclude))
         if self.criterion not in CRITERIA:
             raise OptionError(f"unknown --criterion '{self.criterion}': choose from "
                               f"{', '.join(CRITERIA)}")
@@ -132,8 +150,13 @@ class MacsCounter:
 
 
 def per_layer_sizes(graph: DependencyGraph, groups: Sequence[ChannelGroup], budget: float,
-                    mins: Mapping[int, int], multiple: int = 1) -> dict[int, int]:
-    """The same kept fraction for every group: the largest that fits ``budget`` MACs."""
+                    mins: Mapping[int, int], multiple: int = 1,
+                    fits: Callable[[dict[int, int]], bool] | None = None) -> dict[int, int]:
+    """The same kept fraction for every group: the largest that fits ``budget`` MACs (or, with
+    ``fits``, the largest whose sizes it accepts, e.g. a predicted time)."""
+    if fits is None:
+        def fits(sizes: dict[int, int]) -> bool:
+            return graph.macs(sizes) <= budget
 
     def sizes_at(fraction: float) -> dict[int, int]:
         out = {}
@@ -144,12 +167,12 @@ def per_layer_sizes(graph: DependencyGraph, groups: Sequence[ChannelGroup], budg
             out[g.id] = int(min(g.size, max(mins[g.id], k)))
         return out
 
-    if graph.macs(sizes_at(1.0)) <= budget:
+    if fits(sizes_at(1.0)):
         return sizes_at(1.0)
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        if graph.macs(sizes_at(mid)) <= budget:
+        if fits(sizes_at(mid)):
             lo = mid
         else:
             hi = mid
@@ -223,6 +246,270 @@ def global_sizes(graph: DependencyGraph, groups: Sequence[ChannelGroup],
         sizes[gid] -= count
         counter.set(gid, sizes[gid])
     return sizes
+
+
+GRID_POINTS = 16  # measured widths per layer axis at most; times in between are interpolated
+TIMED_KINDS = ("conv", "depthwise", "conv_transpose", "gemm", "matmul")
+
+
+@dataclass
+class _Axis:
+    """One width of a timed layer: ``dense`` entries (channels, or features after a
+    Flatten), changing in steps of ``step`` between measured points; fixed when step is 0."""
+
+    dense: int
+    step: int
+
+    def grid(self, entries: int) -> list[tuple[int, float]]:
+        """Measured widths and their weights that interpolate the time at ``entries``."""
+        if self.step == 0 or entries >= self.dense or entries % self.step == 0:
+            return [(entries, 1.0)]
+        low = entries - entries % self.step
+        if low == 0:  # below the first grid point: measured as it is
+            return [(entries, 1.0)]
+        high = min(low + self.step, self.dense)
+        t = (entries - low) / (high - low)
+        return [(low, 1.0 - t), (high, t)]
+
+
+class LayerLatencies:
+    """Measured time of each compute layer as a function of its kept widths.
+
+    A layer that reads or produces a prunable group is timed alone, on its real input shape at
+    the table's batch with the activation onnxruntime fuses after it, at (input, output)
+    widths; points are measured when first asked for and cached by the table. Widths are
+    measured on a grid of multiples of ``step`` (the channel multiple, coarsened so that an
+    axis has at most ``GRID_POINTS`` points); a time between grid points is interpolated
+    linearly in each width (bilinearly in both), the dense width and the widths below the
+    first grid point being measured exactly. A depthwise layer has one width (its outputs
+    follow its inputs). Layers of other kinds (attention's batched MatMuls) are left out: their
+    time counts at its dense value.
+    """
+
+    def __init__(self, graph: DependencyGraph, groups: Sequence[ChannelGroup],
+                 table: LatencyTable, original: onnx.ModelProto, multiple: int = 1):
+        self.graph = graph
+        self.table = table
+        self.shapes, _ = static_shapes(original, batch=1)
+        self.opset = next((o.version for o in original.opset_import
+                           if o.domain in ("", "ai.onnx")), 18)
+        self.prunable = {g.id for g in groups}
+        self.multiple = multiple
+        self.indices: list[int] = []
+        self.axes: dict[int, tuple[_Axis, _Axis]] = {}
+        self.by_group: dict[int, list[int]] = {}
+        for i, layer in enumerate(graph.layers):
+            touched = {s.group for s in (layer.in_layout or ()) + (layer.out_layout or ())
+                       if s.group in self.prunable}
+            if not touched or layer.kind not in TIMED_KINDS:
+                continue
+            self.indices.append(i)
+            self.axes[i] = (self._axis(layer.in_layout, layer, "in"),
+                            self._axis(layer.out_layout, layer, "out"))
+            for gid in touched:
+                self.by_group.setdefault(gid, []).append(i)
+        self._points: dict[tuple[int, int, int], float] = {}
+        self._activations = {i: fused_activation(graph.layers[i].node) for i in self.indices}
+
+    def _axis(self, layout, layer: ComputeLayer, side: str) -> _Axis:
+        dense = self._dense_width(layer, side)
+        segments = [s for s in layout or () if s.group in self.prunable]
+        if not segments or (side == "out" and layer.kind == "depthwise"):
+            return _Axis(dense, 0)
+        steps = []
+        for seg in segments:
+            size = self.graph.groups[seg.group].size
+            chunk = self.multiple * max(1, math.ceil(size / (self.multiple * GRID_POINTS)))
+            steps.append(chunk * seg.block)
+        return _Axis(dense, min(steps))
+
+    def _dense_width(self, layer: ComputeLayer, side: str) -> int:
+        layout = layer.in_layout if side == "in" else layer.out_layout
+        if layout is not None:
+            return self.graph.length(layout)
+        w = layer.weight_shape
+        if layer.kind in ("conv", "depthwise"):
+            return w[0] if side == "out" else self.shapes[layer.node.inputs[0].name][1]
+        if layer.kind == "conv_transpose":
+            group = layer.node.attributes.get_int("group", 1)
+            return w[1] * group if side == "out" else w[0]
+        if layer.kind == "gemm":
+            trans_b = layer.node.attributes.get_int("transB", 0)
+            if side == "out":
+                return w[0] if trans_b else w[1]
+            return w[1] if trans_b else w[0]
+        return w[1] if side == "out" else w[0]  # matmul
+
+    def widths(self, i: int, sizes: Mapping[int, int]) -> tuple[int, int]:
+        layer = self.graph.layers[i]
+        axis_in, axis_out = self.axes[i]
+        cin = self.graph.length(layer.in_layout, sizes) if axis_in.step else axis_in.dense
+        if layer.kind == "depthwise":
+            return cin, cin * axis_out.dense // axis_in.dense
+        cout = self.graph.length(layer.out_layout, sizes) if axis_out.step else axis_out.dense
+        return cin, cout
+
+    def layer_ms(self, i: int, sizes: Mapping[int, int]) -> float:
+        """Time of layer ``i`` when group g keeps ``sizes[g]`` channels (dense elsewhere)."""
+        cin, cout = self.widths(i, sizes)
+        axis_in, axis_out = self.axes[i]
+        layer = self.graph.layers[i]
+        total = 0.0
+        for a, wa in axis_in.grid(cin):
+            if layer.kind == "depthwise":
+                total += wa * self.point(i, a, a * axis_out.dense // axis_in.dense)
+                continue
+            for b, wb in axis_out.grid(cout):
+                total += wa * wb * self.point(i, a, b)
+        return total
+
+    def dense_ms(self, i: int) -> float:
+        return self.layer_ms(i, {})
+
+    def total(self, sizes: Mapping[int, int]) -> float:
+        return sum(self.layer_ms(i, sizes) for i in self.indices)
+
+    def point(self, i: int, cin: int, cout: int) -> float:
+        key = (i, cin, cout)
+        if key not in self._points:
+            self._points[key] = self.table.time(self.timing_model(i, cin, cout))
+        return self._points[key]
+
+    def timing_model(self, i: int, cin: int, cout: int) -> onnx.ModelProto:
+        """Layer ``i`` alone with ``cin`` input and ``cout`` output entries, followed by its
+        fused activation; filler weights (the time does not depend on their values)."""
+        layer = self.graph.layers[i]
+        node = ir.serde.serialize_node(layer.node)
+        x_shape = list(self.shapes[layer.node.inputs[0].name])
+        x_shape[0] = self.table.context.batch
+        w = list(layer.weight_shape)
+        if layer.kind in ("conv", "depthwise", "conv_transpose"):
+            x_shape[1] = cin
+        else:
+            x_shape[-1] = cin
+        if layer.kind == "conv":
+            w[0], w[1] = cout, cin
+        elif layer.kind == "depthwise":
+            w[0] = cout
+            del node.attribute[:]
+            node.attribute.extend(
+                onnx.helper.make_attribute(a.name, cin) if a.name == "group" else a
+                for a in ir.serde.serialize_node(layer.node).attribute)
+        elif layer.kind == "conv_transpose":
+            w[0], w[1] = cin, cout // layer.node.attributes.get_int("group", 1)
+        elif layer.kind == "gemm" and layer.node.attributes.get_int("transB", 0):
+            w[0], w[1] = cout, cin
+        else:  # gemm without transB, matmul
+            w[0], w[1] = cin, cout
+        inits = {"w": filler(w)}
+        inputs = ["x", "w"]
+        bias = layer.node.inputs[2] if len(layer.node.inputs) > 2 else None
+        if bias is not None:
+            shape = tuple(bias.const_value.shape) if bias.const_value is not None else (cout,)
+            inits["b"] = filler((cout,) if math.prod(shape) > 1 else shape)
+            inputs.append("b")
+        del node.input[:]
+        del node.output[:]
+        node.input.extend(inputs)
+        node.output.append("z")
+        node.name = "layer"
+        act, act_inits, out = activation_nodes(self._activations[i], "z", "y")
+        inits.update(act_inits)
+        return candidate_model([node, *act], {"x": (x_shape, np.float32)},
+                               {out: (None, np.float32)}, inits, self.opset)
+
+
+def latency_sizes(graph: DependencyGraph, groups: Sequence[ChannelGroup],
+                  scores: Mapping[int, np.ndarray], latency: LayerLatencies, budget_ms: float,
+                  mins: Mapping[int, int], multiple: int = 1, comparable: bool = False,
+                  macs_budget: float | None = None) -> tuple[dict[int, int], set[int]]:
+    """Remove channel chunks, least importance per millisecond saved first, until the
+    predicted time of the timed layers fits ``budget_ms`` (and their MACs ``macs_budget``,
+    then by importance per MAC saved).
+
+    Importance is the chunk's added cumulative error (``comparable`` criteria) or the sum of
+    its scores normalised by the group's mean. Where the next chunk saves no time (blocked
+    kernels run 56 channels as 64), the step takes as many chunks as it needs to save some. A
+    group whose every narrower width is measured no faster stays whole, and a group left at
+    widths predicted slower than whole at the end is restored. Returns the sizes and the ids
+    of the groups kept whole because narrowing them saved no time.
+    """
+    counter = MacsCounter(graph)
+    sizes = {g.id: g.size for g in groups}
+    steps = {g.id: _chunks(g.size, g.size - mins[g.id], multiple) for g in groups}
+    taken = dict.fromkeys(sizes, 0)
+    removed = dict.fromkeys(sizes, 0)
+    if comparable:
+        ranked = {g.id: np.sort(np.asarray(scores[g.id], dtype=np.float64)) for g in groups}
+    else:
+        ranked = {}
+        for g in groups:
+            s = np.asarray(scores[g.id], dtype=np.float64)
+            mean = s.mean()
+            ranked[g.id] = np.cumsum(np.sort(s / mean if mean > 0 else s))
+
+    def importance(gid: int, count: int) -> float:
+        before = ranked[gid][removed[gid] - 1] if removed[gid] else 0.0
+        return float(ranked[gid][removed[gid] + count - 1] - before)
+
+    def group_ms(gid: int, trial: Mapping[int, int]) -> float:
+        return sum(latency.layer_ms(i, trial) for i in latency.by_group.get(gid, ()))
+
+    def move(gid: int, by_time: bool) -> tuple[float, int, int] | None:
+        """(importance per unit saved, chunks, channels) of the next useful step of ``gid``."""
+        before_ms = group_ms(gid, sizes)
+        count = 0
+        for j in range(taken[gid], len(steps[gid])):
+            count += steps[gid][j]
+            trial = {**sizes, gid: sizes[gid] - count}
+            if by_time:
+                saved = before_ms - group_ms(gid, trial)
+            else:
+                now = counter.total
+                saved = now - counter.set(gid, trial[gid])
+                counter.set(gid, sizes[gid])
+            if saved > 0:
+                return importance(gid, count) / saved, j + 1 - taken[gid], count
+        return None
+
+    total_ms = latency.total(sizes)
+    slow: set[int] = set()
+    while True:
+        time_ok = total_ms <= budget_ms
+        if time_ok and (macs_budget is None or counter.total <= macs_budget):
+            break
+        best = None
+        for gid in sizes:
+            if taken[gid] >= len(steps[gid]):
+                continue
+            found = move(gid, by_time=not time_ok)
+            if found is None:
+                if not time_ok and removed[gid] == 0:
+                    slow.add(gid)
+                continue
+            if best is None or found[0] < best[0]:
+                best = (found[0], gid, found[1], found[2])
+        if best is None:
+            break
+        _, gid, chunks, count = best
+        slow.discard(gid)
+        taken[gid] += chunks
+        removed[gid] += count
+        sizes[gid] -= count
+        counter.set(gid, sizes[gid])
+        total_ms = latency.total(sizes)
+    for gid in list(sizes):
+        if removed[gid] == 0:
+            continue
+        whole = {**sizes, gid: next(g.size for g in groups if g.id == gid)}
+        if group_ms(gid, whole) < group_ms(gid, sizes):
+            counter.set(gid, whole[gid])
+            if macs_budget is not None and counter.total > macs_budget:
+                counter.set(gid, sizes[gid])
+                continue
+            sizes = whole
+            slow.add(gid)
+    return sizes, slow
 
 
 def top_channels(scores: np.ndarray, keep: int) -> np.ndarray:
@@ -672,14 +959,17 @@ class PruneChannelsPass(Pass):
     config: PruneConfig
 
     def __init__(self, config: PruneConfig | None = None,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, latency: LatencyTable | None = None):
         super().__init__(config)
         self.calibration = calibration
+        self.latency = latency
 
     def call(self, model: ir.Model) -> PassResult:
         cfg = self.config
         prep = prepare(model)
-        graph, groups = prep.graph, prep.groups
+        graph = prep.graph
+        keep_whole(graph, cfg.exclude)
+        groups = prep.groups = [g for g in prep.groups if g.prunable]
         notes: list[str] = []
         if cfg.criterion == "activation" and self.calibration is None:
             raise OptionError("criterion 'activation' needs calibration data: pass --data")
@@ -702,7 +992,10 @@ class PruneChannelsPass(Pass):
         mins = {g.id: min_channels(g, cfg.min_channels_fraction, cfg.channel_multiple)
                 for g in groups}
         budget = prep.budget(cfg.ratio)
-        if cfg.ratio >= 1.0:
+        timing: _Timing | None = None
+        if cfg.speedup is not None:
+            sizes, timing = self._sizes_by_latency(prep, scores, mins, criterion, notes)
+        elif cfg.ratio >= 1.0:
             sizes = {g.id: g.size for g in groups}
         elif cfg.ranking == "per-layer":
             sizes = per_layer_sizes(graph, groups, budget, mins, cfg.channel_multiple)
@@ -727,5 +1020,79 @@ class PruneChannelsPass(Pass):
             model, prep.original, graph, transforms, describe, self.calibration,
             refit=cfg.refit, ridge=cfg.ridge,
             max_rows=cfg.max_rows_per_batch, seed=cfg.seed, total_macs=prep.total_macs)
+        if timing is not None:
+            timing.annotate(records, sizes)
+            stats.update(timing.stats)
         return PassResult(model=model, modified=bool(transforms), layers=records, notes=notes,
                           stats=stats)
+
+    def _sizes_by_latency(self, prep: Prepared, scores: Mapping[int, np.ndarray],
+                          mins: Mapping[int, int], criterion, notes: list[str]):
+        """Group sizes meeting the speedup by measured time (and the MACs cap of ratio < 1)."""
+        cfg = self.config
+        if self.latency is None:
+            self.latency = LatencyTable()
+        table = self.latency
+        hits, misses = table.hits, table.misses
+        whole_ms = table.time(prep.original, min_time_s=WHOLE_MODEL_MIN_TIME_S)
+        latency = LayerLatencies(prep.graph, prep.groups, table, prep.original,
+                                 cfg.channel_multiple)
+        dense_ms = latency.total({})
+        target_ms = whole_ms / cfg.speedup
+        budget_ms = target_ms - (whole_ms - dense_ms)
+        macs_budget = prep.budget(cfg.ratio) if cfg.ratio < 1 else None
+        slow: set[int] = set()
+        if cfg.ranking == "per-layer":
+            def fits(sizes: dict[int, int]) -> bool:
+                return latency.total(sizes) <= budget_ms and (
+                    macs_budget is None or prep.graph.macs(sizes) <= macs_budget)
+
+            sizes = per_layer_sizes(prep.graph, prep.groups, 0.0, mins, cfg.channel_multiple,
+                                    fits=fits)
+        else:
+            sizes, slow = latency_sizes(prep.graph, prep.groups, scores, latency, budget_ms,
+                                        mins, cfg.channel_multiple,
+                                        comparable=getattr(criterion, "comparable", False),
+                                        macs_budget=macs_budget)
+        predicted_ms = whole_ms - dense_ms + latency.total(sizes)
+        if predicted_ms > target_ms * (1 + 1e-9):
+            notes.append(f"speedup {cfg.speedup:g} not reachable by pruning: predicted "
+                         f"{whole_ms / predicted_ms:.2f}x ({predicted_ms:.3f} ms of "
+                         f"{whole_ms:.3f} ms)")
+        stats = {
+            "latency_ms_before": whole_ms,
+            "predicted_latency_ms": predicted_ms,
+            "predicted_speedup": whole_ms / predicted_ms if predicted_ms > 0 else float("inf"),
+            "latency_cache_hits": table.hits - hits,
+            "latency_cache_misses": table.misses - misses,
+        }
+        return sizes, _Timing(latency, slow, stats)
+
+
+def keep_whole(graph: DependencyGraph, layers: frozenset[str]) -> None:
+    """Make every group that an excluded layer produces or reads unprunable, so the layer
+    keeps its weights as they are."""
+    if not layers:
+        return
+    for group in graph.groups.values():
+        if any((s.node.name or s.node.outputs[0].name) in layers for s in group.slices):
+            group.reasons.append(EXCLUDED_REASON)
+
+
+@dataclass
+class _Timing:
+    """The measured-time allocation of one prune run, to report per layer."""
+
+    latency: LayerLatencies
+    slow: set[int]  # groups kept whole because narrowing them saved no time
+    stats: dict
+
+    def annotate(self, records: list[LayerRecord], sizes: Mapping[int, int]) -> None:
+        graph = self.latency.graph
+        for i, (layer, record) in enumerate(zip(graph.layers, records, strict=True)):
+            if i in self.latency.axes:
+                record.latency_before_ms = self.latency.dense_ms(i)
+                record.latency_after_ms = self.latency.layer_ms(i, sizes)
+            out_groups = {s.group for s in layer.out_layout or ()}
+            if record.skipped == "all channels kept" and out_groups & self.slow:
+                record.skipped = "all channels kept: every narrower width measured no faster"
