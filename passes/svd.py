@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from compressor.errors import OptionError
 from compressor.latency import (
+    WHOLE_MODEL_MIN_TIME_S,
     LatencyTable,
     activation_nodes,
     candidate_model,
@@ -258,7 +259,7 @@ class LowRankSVDPass(Pass):
             self.latency = LatencyTable()
         table = self.latency
         hits, misses = table.hits, table.misses
-        whole_ms = table.time(proto)
+        whole_ms = table.time(proto, min_time_s=WHOLE_MODEL_MIN_TIME_S)
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
         timed = [a for a in analyses.values() if len(a.options()) > 1]
         option_sets = [a.timed_options(table, opset) for a in timed]
