@@ -61,6 +61,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/bench_structural.py
 	$(PY) bench/bench_diffconv.py
 	$(PY) bench/bench_lsh_conv.py
+	$(PY) bench/bench_latency.py
 
 clean:
 	rm -rf build $(VENV)

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ROOT / "docs" / "benchmarks"
 REPORT = ROOT / "docs" / "BENCHMARKS.md"
-ORDER = ["compression", "diffconv"]
+ORDER = ["compression", "latency", "diffconv"]
 
 
 def machine_line() -> str:
