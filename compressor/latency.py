@@ -47,9 +47,10 @@ CANDIDATE_IR_VERSION = 10
 # A whole model is timed once per pass as the baseline of its budget: longer than a candidate,
 # since an error in it shifts every layer's share of the budget.
 WHOLE_MODEL_MIN_TIME_S = 0.25
-# Initializers up to this many elements keep their values in a signature (shape tensors, axes,
-# Clip bounds); larger float ones count by dtype and dims only.
-SIGNATURE_VALUE_LIMIT = 64
+# Initializers up to this many elements keep their values in a signature (Resize scales, Clip
+# bounds; shape tensors and axes); larger ones, the weights, count by dtype and dims only.
+SIGNATURE_FLOAT_VALUES = 8
+SIGNATURE_OTHER_VALUES = 1024
 # Element-wise ops onnxruntime's CPU provider fuses into a preceding Conv (its MLAS activation
 # kinds) or Gemm; timed with the layer when the layer's output has no other user.
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh"})
@@ -209,8 +210,9 @@ class LatencyCache:
 
 def graph_signature(proto: onnx.ModelProto) -> str:
     """sha256 of the model with every name replaced by its order of appearance, doc strings
-    dropped, and float initializers above ``SIGNATURE_VALUE_LIMIT`` elements reduced to
-    dtype and dims: two models that onnxruntime runs the same way get the same signature."""
+    dropped, and initializers above a few elements (``SIGNATURE_FLOAT_VALUES`` float,
+    ``SIGNATURE_OTHER_VALUES`` others) reduced to dtype and dims: two models that onnxruntime
+    runs the same way get the same signature, whatever their weights."""
     g = proto.graph
     names: dict[str, str] = {"": ""}
 
@@ -225,7 +227,8 @@ def graph_signature(proto: onnx.ModelProto) -> str:
                                        dims=tensor.dims)
         floating = tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                         onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-        if not floating or int(np.prod(tensor.dims)) <= SIGNATURE_VALUE_LIMIT:
+        limit = SIGNATURE_FLOAT_VALUES if floating else SIGNATURE_OTHER_VALUES
+        if int(np.prod(tensor.dims)) <= limit:
             placeholder.CopyFrom(tensor)
             placeholder.name = names[tensor.name]
             placeholder.doc_string = ""
