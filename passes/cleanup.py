@@ -209,6 +209,17 @@ def _why_pad_not_foldable(pad: ir.Node) -> str | tuple[list[int], list[ir.Node]]
     """Why ``pad`` cannot be folded into the Convs reading it, or its spatial pads
     (begin..., end...) and those Convs."""
     out = pad.outputs[0]
+    users = [user for user, _ in out.uses()]
+    weights = [u.inputs[1] for u in users if u.op_type == "Conv" and len(u.inputs) > 1]
+    rank = _rank(pad.inputs[0]) or next((r for r in map(_rank, weights) if r), None)
+    amounts = _pad_amounts(pad, rank)
+    if isinstance(amounts, str):
+        return amounts
+    rank = len(amounts) // 2
+    if any(amounts[axis] or amounts[axis + rank] for axis in (0, 1) if axis < rank):
+        return "it pads the batch or channel axis"
+    if any(p < 0 for p in amounts):
+        return "it crops (negative pads), which a Conv's pads cannot express"
     if out.is_graph_output():
         return "its output is a model output"
     convs: list[ir.Node] = []
@@ -224,15 +235,6 @@ def _why_pad_not_foldable(pad: ir.Node) -> str | tuple[list[int], list[ir.Node]]
             convs.append(user)
     if not convs:
         return "its output is not used"
-    rank = _rank(pad.inputs[0]) or _rank(convs[0].inputs[1])
-    amounts = _pad_amounts(pad, rank)
-    if isinstance(amounts, str):
-        return amounts
-    rank = len(amounts) // 2
-    if any(amounts[axis] or amounts[axis + rank] for axis in (0, 1) if axis < rank):
-        return "it pads the batch or channel axis"
-    if any(p < 0 for p in amounts):
-        return "it crops (negative pads), which a Conv's pads cannot express"
     return amounts[2:rank] + amounts[rank + 2:], convs
 
 
@@ -303,13 +305,13 @@ class CleanupPass(Pass):
             stats["constants_folded"] = apply(
                 lambda m: fold_constants(m, onnx_shape_inference=True)
             )
+            if config.remove_dead:  # what fed the folded nodes is now dead
+                stats["dead_removed"] += apply(common_passes.RemoveUnusedNodesPass())
             # What onnxscript leaves: shapes read with a dynamic batch, small ConstantOfShape.
             shapes = FoldShapeComputationsPass()(model)
             modified |= shapes.modified
             stats.update(shapes.stats)
             notes += shapes.notes
-            if config.remove_dead:  # what fed the folded nodes is now dead
-                stats["dead_removed"] += apply(common_passes.RemoveUnusedNodesPass())
         # Weights held in Constant nodes become initializers, where later passes look for them.
         stats["constants_lifted"] = apply(
             common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)

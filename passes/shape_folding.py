@@ -307,6 +307,8 @@ class FoldShapeComputationsPass(Pass):
 
         foldable = [node for node in graph if node.op_type != "Constant" and folded(node)]
         foldable_set = set(foldable)
+        # Nodes dead before the folding are left for dead-node removal (remove_dead=False).
+        used = {node for node in foldable if any(out.uses() for out in node.outputs)}
         names = NameScope(graph)
         values_folded = 0
         for node in foldable:
@@ -328,7 +330,7 @@ class FoldShapeComputationsPass(Pass):
             if any(out.is_graph_output() for out in node.outputs):
                 continue
             users = [user for out in node.outputs for user, _ in out.uses()]
-            if (node in foldable_set or users) and all(user in removed for user in users):
+            if (node in used or users) and all(user in removed for user in users):
                 removed.add(node)
         for node in reversed(list(graph)):
             if node in removed:
