@@ -1,13 +1,20 @@
-"""Calibration and evaluation data: ``.npz`` files, image folders and two named data sets.
+"""Calibration and evaluation data: ``.npz`` files, image folders and two named data sets,
+and how they become the feeds of a model's inputs.
 
 ``load_data(spec)`` accepts
 - a ``.npz`` file with an array ``x`` (uint8 pixels are scaled by 1/255, floats are kept) and
-  optionally integer labels ``y``;
+  optionally integer labels ``y``; or, for a model with several inputs, one array per model
+  input, named as the input (``input_ids``, ``attention_mask``, ...), and optionally ``y``;
 - a folder of images (PNG, JPEG, BMP); when it has subfolders, each subfolder is a class and the
   labels number the subfolders in sorted order;
 - ``fashion-mnist``: the gzip IDX files of the Debian package ``dataset-fashion-mnist``, read
   from ``/usr/share/datasets/fashion-mnist`` or ``$COMPRESSOR_FASHION_MNIST_DIR``;
 - ``digits``: scikit-learn's 8x8 digits, shape ``(N, 1, 8, 8)``.
+
+``model_feeds(dataset, inputs)`` matches the arrays to the model's inputs (``InputSpec``s):
+integer and bool arrays are fed as the input's type, never scaled; uint8 pixels for a float
+input are scaled by 1/255; other integer data for a float input is fed unscaled, with a note.
+``stand_in_feeds`` makes random inputs of the right types when there is no data.
 
 Every problem raises ``DataError`` with a message naming the file, key or data set at fault.
 """
@@ -19,13 +26,18 @@ import math
 import os
 import zipfile
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from compressor.errors import DataError
+from compressor.errors import DataError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    import onnx
+    from onnxruntime import InferenceSession
 
 Shape = tuple[int, ...]
 
@@ -51,12 +63,18 @@ _IDX_DTYPES = {
 
 @dataclass(frozen=True)
 class Dataset:
-    """Samples ``x`` (float32, ``N x per-sample shape``, images in [0, 1]) and optional labels."""
+    """Samples ``x`` (``N x per-sample shape``; float32 images in [0, 1]) and optional labels.
+
+    A ``.npz`` file also keeps its arrays by name, as stored, in ``inputs``: that is what
+    ``model_feeds`` matches to the model's inputs (a file with several arrays names them as
+    the model's inputs). ``x`` is then the file's first array, converted like ``x``.
+    """
 
     x: np.ndarray
     y: np.ndarray | None
     name: str
     classes: tuple[str, ...] | None = None  # class names of an image folder, by label
+    inputs: Mapping[str, np.ndarray] | None = None  # a .npz file's arrays but y, as stored
 
     def __len__(self) -> int:
         return len(self.x)
@@ -102,20 +120,22 @@ def load_data(
             + ", ".join(NAMED_DATASETS)
         )
 
-    x, y = dataset.x, dataset.y
+    x, y, inputs = dataset.x, dataset.y, dataset.inputs
     if limit is not None:
         x = x[:limit]
         y = None if y is None else y[:limit]
+        inputs = None if inputs is None else {k: v[:limit] for k, v in inputs.items()}
     if len(x) == 0:
         raise DataError(f"{dataset.name}: the data set is empty")
-    if input_shape is not None:
+    if input_shape is not None and (inputs is None or len(inputs) == 1):
+        # one model input: x is its samples (a file of several arrays is matched by name)
         x = _fit_shape(x, tuple(input_shape), dataset.name)
     if y is not None and num_classes is not None and len(y) and int(y.max()) >= num_classes:
         raise DataError(
             f"{dataset.name}: label {int(y.max())} is out of range for {num_classes} classes "
             f"(expected 0..{num_classes - 1})"
         )
-    return Dataset(np.ascontiguousarray(x), y, dataset.name, dataset.classes)
+    return Dataset(np.ascontiguousarray(x), y, dataset.name, dataset.classes, inputs)
 
 
 def batches(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -145,25 +165,35 @@ def _fit_shape(x: np.ndarray, input_shape: Shape, name: str) -> np.ndarray:
     return x.reshape((len(x), *input_shape))
 
 
-def _as_images(x: np.ndarray, where: str) -> np.ndarray:
-    """uint8 -> float32 / 255; floats -> float32; anything else is an error."""
+def _check_numbers(array: np.ndarray, where: str, key: str) -> None:
+    """Numbers only (no strings, objects, complex values), and finite floats."""
+    if array.dtype != np.bool_ and not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):
+        raise DataError(
+            f"{where}: {key} has dtype {array.dtype}; expected uint8 pixels (0-255), floats, "
+            "or integers (token ids, masks)"
+        )
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise DataError(f"{where}: {key} contains NaN or infinite values")
+
+
+def _as_images(x: np.ndarray, where: str, key: str = "x") -> np.ndarray:
+    """uint8 -> float32 / 255; floats -> float32; other integers and bools as they are (fed
+    to integer inputs as such; ``model_feeds`` notes it when they go to a float input)."""
+    _check_numbers(x, where, key)
     if x.dtype == np.uint8:
         return x.astype(np.float32) / np.float32(255.0)
     if np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32, copy=False)
-        if not np.isfinite(x).all():
-            raise DataError(f"{where}: x contains NaN or infinite values")
-        return x
-    raise DataError(
-        f"{where}: x has dtype {x.dtype}; expected uint8 pixels (0-255) or floats in [0, 1]"
-    )
+        return x.astype(np.float32, copy=False)
+    return x
 
 
-def _as_labels(y: np.ndarray, count: int, where: str) -> np.ndarray:
+def _as_labels(y: np.ndarray, count: int, where: str, key: str = "x") -> np.ndarray:
     if y.ndim != 1:
         raise DataError(f"{where}: y must be 1-D class indices, got shape {y.shape}")
     if len(y) != count:
-        raise DataError(f"{where}: x has {count} samples but y has {len(y)} labels")
+        raise DataError(f"{where}: {key} has {count} samples but y has {len(y)} labels")
     if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
         y = y.astype(np.int64)
     if not np.issubdtype(y.dtype, np.integer):
@@ -178,22 +208,28 @@ def _load_npz(path: Path) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.files)
-            if "x" not in keys:
-                raise DataError(
-                    f"{path}: no array 'x' in the file (keys: {', '.join(keys) or 'none'})"
-                )
-            x = archive["x"]
+            arrays = {key: archive[key] for key in keys if key != "y"}
             y = archive["y"] if "y" in keys else None
-    except DataError:
-        raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as exc:
         raise DataError(f"{path}: not a readable .npz file (corrupt or truncated): {exc}") from exc
-    if x.ndim < 1:
-        raise DataError(f"{path}: x is a scalar; expected an array of samples")
-    x = _as_images(x, str(path))
+    if not arrays:
+        raise DataError(
+            f"{path}: no input arrays in the file (keys: {', '.join(keys) or 'none'}); expected "
+            "x, or one array per model input named as the input"
+        )
+    for key, array in arrays.items():
+        if array.ndim < 1:
+            raise DataError(f"{path}: {key} is a scalar; expected an array of samples")
+        _check_numbers(array, str(path), key)
+    counts = {key: len(array) for key, array in arrays.items()}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{key} {n}" for key, n in counts.items())
+        raise DataError(f"{path}: the arrays have different numbers of samples ({listed})")
+    first = "x" if "x" in arrays else next(iter(arrays))
+    x = _as_images(arrays[first], str(path), first)
     if y is not None:
-        y = _as_labels(y, len(x), str(path))
-    return Dataset(x, y, path.name)
+        y = _as_labels(y, len(x), str(path), first)
+    return Dataset(x, y, path.name, None, arrays)
 
 
 def _load_named(name: str, split: str) -> Dataset:
@@ -333,3 +369,339 @@ def _load_image_folder(folder: Path, input_shape: Shape | None) -> Dataset:
     x = np.stack(samples).astype(np.float32) / np.float32(255.0)
     y = np.array([label for _, label in files], np.int64) if classes is not None else None
     return Dataset(x, y, folder.name, classes)
+
+
+# ----------------------------------------------------------------------------- model inputs
+
+# onnxruntime's type strings of the inputs compressor can feed.
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+DEFAULT_INDEX_BOUND = 100  # random integer inputs that index no table take 0..99
+# Ops that pass an input's values through unchanged (the ids of an embedding are often cast
+# or reshaped before the Gather that reads the table).
+_PASS_THROUGH_OPS = frozenset({"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"})
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, element type and per-sample shape (without the batch).
+
+    ``shape`` holds None where the model leaves a dimension symbolic (a dynamic sequence
+    length, say), and is None itself when the model does not record the input's rank;
+    ``fixed_batch`` is set when the model's batch dimension is a number.
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None
+    fixed_batch: int | None = None
+
+    @property
+    def is_static(self) -> bool:
+        """Whether every per-sample dimension is known."""
+        return self.shape is not None and all(d is not None for d in self.shape)
+
+    @property
+    def is_mask(self) -> bool:
+        """A bool input, or one named like a mask (``attention_mask``): random stand-ins of
+        it are all ones (attend everywhere), never random bits."""
+        return self.dtype == np.bool_ or "mask" in self.name.lower()
+
+    def accepts(self, sample_shape: Sequence[int]) -> bool:
+        """Whether samples of ``sample_shape`` fit this input (symbolic dimensions take any
+        size)."""
+        if self.shape is None:
+            return True
+        return len(sample_shape) == len(self.shape) and all(
+            want is None or have == want
+            for have, want in zip(sample_shape, self.shape, strict=True)
+        )
+
+    def with_shape(self, shape: Shape) -> InputSpec:
+        return replace(self, shape=tuple(int(d) for d in shape))
+
+    def describe(self) -> str:
+        """The shape with the batch and the type, as a user reads it: ``(N, 128) int64``."""
+        batch = "N" if self.fixed_batch is None else str(self.fixed_batch)
+        dims = ["..."] if self.shape is None else ["?" if d is None else str(d) for d in self.shape]
+        return f"({', '.join([batch, *dims])}) {np.dtype(self.dtype).name}"
+
+
+def _spec(name: str, dtype: Any, dims: Sequence[Any] | None) -> InputSpec:
+    if dims is not None and len(dims) == 0:
+        raise UnsupportedModelError(f"input '{name}' is a scalar; expected a batch of samples")
+    if dims is None:
+        return InputSpec(name, np.dtype(dtype), None)
+    known = [d if isinstance(d, int) and d > 0 else None for d in dims]
+    return InputSpec(name, np.dtype(dtype), tuple(known[1:]), known[0])
+
+
+def graph_input_specs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
+    """The inputs of an ONNX graph (initializers listed as inputs are not inputs)."""
+    import onnx
+
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        except (KeyError, ValueError, TypeError):
+            raise UnsupportedModelError(
+                f"input '{value.name}' has element type {tensor_type.elem_type}, which "
+                "compressor cannot feed (float, integer and bool tensors only)"
+            ) from None
+        dims = None
+        if tensor_type.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        specs.append(_spec(value.name, dtype, dims))
+    return tuple(specs)
+
+
+def session_input_specs(session: InferenceSession) -> tuple[InputSpec, ...]:
+    """The inputs of an onnxruntime session."""
+    specs = []
+    for value in session.get_inputs():
+        if value.type not in _ORT_TYPES:
+            raise UnsupportedModelError(
+                f"input '{value.name}' is {value.type}; compressor feeds float, integer and "
+                "bool tensors"
+            )
+        specs.append(_spec(value.name, _ORT_TYPES[value.type], list(value.shape)))
+    return tuple(specs)
+
+
+class Feeds(NamedTuple):
+    """Arrays by model input name, all with the same number of samples, and notes on how the
+    data was converted (for the user to read)."""
+
+    arrays: dict[str, np.ndarray]
+    notes: list[str]
+
+
+def model_feeds(data: Any, inputs: Sequence[InputSpec], *, source: str | None = None) -> Feeds:
+    """Match ``data`` (a ``Dataset``, or anything with ``x``, ``y`` and ``name``) to the model's
+    ``inputs``.
+
+    Arrays are found by input name; a single-input model also takes ``x``, or the data's
+    only array. Each is converted to its input's type: integers and bools are fed as the
+    input's integer or bool type, never scaled; uint8 pixels for a float input are scaled by
+    1/255; other integers for a float input are fed unscaled, and a note says so. A single
+    input's samples are reshaped to the model's per-sample shape when the sizes agree (flat
+    vectors, channels-last images); several inputs must match exactly. ``source`` names
+    the data in messages (default: its name).
+    """
+    where = source or getattr(data, "name", "data")
+    named: Mapping[str, np.ndarray] | None = getattr(data, "inputs", None) or None
+    y = getattr(data, "y", None)
+    available = list(named) if named is not None else ["x"]
+    listed = ", ".join(available + (["y"] if y is not None else []))
+    single = len(inputs) == 1
+    arrays: dict[str, np.ndarray] = {}
+    notes: list[str] = []
+    for spec in inputs:
+        if named is not None and spec.name in named:
+            key, array = spec.name, named[spec.name]
+        elif single and ("x" in available or len(available) == 1):
+            # a single input takes x, or the data's only array whatever its name
+            key = "x" if "x" in available else available[0]
+            array = named[key] if named is not None else data.x
+        else:
+            raise DataError(
+                f"{where} has no array for model input '{spec.name}' (arrays: {listed})"
+            )
+        array = np.asarray(array)
+        if array.ndim == 0:
+            raise DataError(f"{where}: {key} is a scalar; expected an array of samples")
+        array, note = _convert(array, spec, where, key)
+        if note:
+            notes.append(note)
+        arrays[spec.name] = np.ascontiguousarray(_fit(array, spec, where, single))
+    counts = {name: len(array) for name, array in arrays.items()}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{name} {n}" for name, n in counts.items())
+        raise DataError(f"{where}: the inputs have different numbers of samples ({detail})")
+    if next(iter(counts.values()), 0) == 0:
+        raise DataError(f"{where}: the data set is empty")
+    return Feeds(arrays, notes)
+
+
+def _value_range(array: np.ndarray) -> str:
+    if array.size == 0:
+        return "empty"
+    low, high = array.min(), array.max()
+    return f"{low.item()}..{high.item()}"
+
+
+def _convert(
+    array: np.ndarray, spec: InputSpec, where: str, key: str
+) -> tuple[np.ndarray, str | None]:
+    """``array`` as ``spec``'s element type, and a note when the conversion is doubtful."""
+    want, have = np.dtype(spec.dtype), array.dtype
+    wrong = DataError(
+        f"{where}: input '{spec.name}' has dtype {have} but the model expects {spec.describe()}"
+    )
+    if have != np.bool_ and not (
+        np.issubdtype(have, np.integer) or np.issubdtype(have, np.floating)
+    ):
+        raise wrong
+    if want.kind == "f":
+        if have == np.uint8:  # pixels: 0-255 -> [0, 1], as the loader does for x
+            return (array.astype(np.float32) / np.float32(255.0)).astype(want, copy=False), None
+        if have.kind == "f":
+            if not np.isfinite(array).all():
+                raise DataError(f"{where}: {key} contains NaN or infinite values")
+            return array.astype(want, copy=False), None
+        note = (
+            f"{where}: array '{key}' is {have} (values {_value_range(array)}) but model input "
+            f"'{spec.name}' is {want}: fed as {want} without scaling (0-255 pixels fed to a "
+            "model trained on [0, 1] calibrate it wrongly: save floats, or uint8 pixels to "
+            "have them scaled by 1/255)"
+        )
+        return array.astype(want), note
+    if want.kind in "iu":
+        if have.kind == "f":
+            raise wrong
+        if have.kind != "b" and array.size:
+            info = np.iinfo(want)
+            if array.min() < info.min or array.max() > info.max:
+                raise DataError(
+                    f"{where}: input '{spec.name}' has values {_value_range(array)}, outside "
+                    f"the range of the model's {want} ({info.min}..{info.max})"
+                )
+        return array.astype(want, copy=False), None
+    if want.kind == "b":
+        if have.kind == "b":
+            return array, None
+        if have.kind in "iu" and np.isin(array, (0, 1)).all():
+            return array.astype(np.bool_), None
+        raise wrong
+    raise UnsupportedModelError(
+        f"input '{spec.name}' is {want}; compressor feeds float, integer and bool tensors"
+    )
+
+
+def _fit(array: np.ndarray, spec: InputSpec, where: str, single: bool) -> np.ndarray:
+    """``array`` with samples of ``spec``'s shape (reshaped for a single input, see above)."""
+    sample = tuple(array.shape[1:])
+    if spec.accepts(sample):
+        return array
+    detail = ""
+    if single and spec.is_static:
+        target = tuple(int(d) for d in spec.shape)  # type: ignore[union-attr, arg-type]
+        if math.prod(sample) == math.prod(target):
+            return _fit_shape(array, target, where)
+        detail = (
+            f"; samples of shape {sample} do not fit {target} "
+            f"({math.prod(sample)} vs {math.prod(target)} values)"
+        )
+    raise DataError(
+        f"{where}: input '{spec.name}' has shape {tuple(array.shape)} but the model expects "
+        f"{spec.describe()}{detail}"
+    )
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph inputs that index a constant table (the token ids of an embedding's Gather),
+    possibly through casts and reshapes: how many rows they may index, by input name."""
+    from onnx import numpy_helper
+
+    tables = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    tables[node.output[0]] = tuple(numpy_helper.to_array(attribute.t).shape)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    bounds: dict[str, int] = {}
+    for spec in graph_input_specs(model):
+        frontier, seen = [spec.name], {spec.name}
+        while frontier:
+            tensor = frontier.pop()
+            for node in consumers.get(tensor, []):
+                if node.op_type in _PASS_THROUGH_OPS and node.input[0] == tensor:
+                    for out in node.output:
+                        if out and out not in seen:
+                            seen.add(out)
+                            frontier.append(out)
+                elif (
+                    node.op_type == "Gather"
+                    and len(node.input) > 1
+                    and node.input[1] == tensor
+                    and node.input[0] in tables
+                ):
+                    dims = tables[node.input[0]]
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if dims and -len(dims) <= axis < len(dims):
+                        rows = dims[axis]
+                        bounds[spec.name] = min(bounds.get(spec.name, rows), rows)
+    return bounds
+
+
+def stand_in_feeds(
+    inputs: Sequence[InputSpec],
+    count: int,
+    *,
+    model: onnx.ModelProto | None = None,
+    seed: int = 0,
+    floats: str = "normal",
+) -> Feeds:
+    """Random inputs for running a model without data: floats standard normal (``floats=
+    "uniform"``: in [0, 1)); masks (bool inputs, inputs named like ``*mask*``) all ones;
+    other integer inputs 0..rows-1 of the table they index in ``model`` (an embedding's
+    vocabulary), else 0..99. Every per-sample dimension must be known. The notes say what
+    the integer inputs hold.
+    """
+    if floats not in ("normal", "uniform"):
+        raise ValueError(f"floats must be 'normal' or 'uniform', not {floats!r}")
+    rng = np.random.default_rng(seed)
+    bounds = index_bounds(model) if model is not None else {}
+    arrays: dict[str, np.ndarray] = {}
+    described: list[str] = []
+    for spec in inputs:
+        if not spec.is_static:
+            raise DataError(
+                f"input '{spec.name}' has shape {spec.describe()} with unknown dimensions and "
+                f"there is no data to take them from: pass --input-shape {spec.name}:DIMS"
+            )
+        shape = (count, *spec.shape)  # type: ignore[misc]
+        dtype = np.dtype(spec.dtype)
+        if spec.is_mask:
+            arrays[spec.name] = np.ones(shape, dtype)
+            described.append(f"{spec.name} all ones")
+        elif dtype.kind == "f":
+            values = (
+                rng.standard_normal(shape, dtype=np.float32)
+                if floats == "normal"
+                else rng.random(shape, dtype=np.float32)
+            )
+            arrays[spec.name] = values.astype(dtype, copy=False)
+        elif dtype.kind in "iu":
+            rows = bounds.get(spec.name)
+            high = min(rows or DEFAULT_INDEX_BOUND, int(np.iinfo(dtype).max) + 1)
+            arrays[spec.name] = rng.integers(0, high, shape).astype(dtype)
+            why = "the rows of the table it indexes" if rows else "it indexes no constant table"
+            described.append(f"{spec.name} 0..{high - 1} ({why})")
+        else:
+            raise UnsupportedModelError(
+                f"input '{spec.name}' is {dtype}; compressor feeds float, integer and bool tensors"
+            )
+    notes = [f"random stand-in inputs: {'; '.join(described)}"] if described else []
+    return Feeds(arrays, notes)

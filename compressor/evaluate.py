@@ -1,9 +1,18 @@
 """Evaluate a compressed ONNX model, alone or against its reference, with onnxruntime.
 
-Accuracy is top-1 on labelled data; agreement and logit differences compare the two models'
-first outputs on the same inputs; latency is timed side by side in one run, alternating which
-model goes first each round, so that both see the same machine state. Without data, random
-standard-normal inputs of the model's input shape stand in (accuracy is then not measured).
+Accuracy is top-1 on labelled data; agreement, output differences and cosine similarity
+compare the two models' first outputs on the same inputs; latency is timed side by side in one
+run, alternating which model goes first each round, so that both see the same machine state.
+
+Every input of the model is fed: the data's arrays by input name (``compressor.data``), or,
+without data, random stand-ins (floats standard normal, token ids within the vocabulary of the
+embedding they index, masks all ones; accuracy is then not measured).
+
+Which outputs are class logits is decided by rank: a rank-2 output (N, C) with C >= 2 is
+logits, judged by top-1 agreement (and accuracy on labels); anything else, such as an
+embedding of rank 3 (N, seq, hidden) or a feature map, is judged by the cosine similarity of
+each sample's flattened output to the reference's (mean and minimum over samples). Cosine
+similarity is reported for logits too.
 """
 
 from __future__ import annotations
@@ -21,6 +30,12 @@ import numpy as np
 import onnx
 
 from compressor import runtime
+from compressor.data import (
+    InputSpec,
+    model_feeds,
+    session_input_specs,
+    stand_in_feeds,
+)
 from compressor.errors import (
     DataError,
     ModelLoadError,
@@ -37,16 +52,11 @@ if TYPE_CHECKING:
     from compressor.data import Dataset
 
 ModelLike = onnx.ModelProto | str | os.PathLike
+Inputs = np.ndarray | Mapping[str, np.ndarray]  # one input's samples, or arrays by input name
 
 DEFAULT_BATCH_SIZES = (1, 64)
 RANDOM_SAMPLES = 256  # random inputs used for agreement when no data is given
 RANDOM_SEED = 0
-
-_ORT_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-}
 
 
 @dataclass
@@ -75,10 +85,14 @@ class ModelStats:
 
 @dataclass
 class Comparison:
-    """Candidate against reference. Ratios are candidate / reference (below 1: smaller)."""
+    """Candidate against reference. Ratios are candidate / reference (below 1: smaller).
 
-    agreement: float  # fraction of inputs where both models' top-1 predictions are equal
-    max_abs_logit_diff: float
+    ``agreement`` is None when the output is not class logits (see the module docstring);
+    the cosine similarities judge every output.
+    """
+
+    agreement: float | None  # fraction of inputs where both models' top-1 predictions agree
+    max_abs_logit_diff: float  # of the first output, whatever it holds
     mean_abs_logit_diff: float
     speedup: dict[int, float]  # reference p50 / candidate p50, by batch size
     macs_ratio: float
@@ -87,6 +101,10 @@ class Comparison:
     # candidate - reference, as a fraction: -0.012 means the candidate lost 1.2 points
     accuracy_delta: float | None
     samples: int = 0  # inputs agreement and differences were measured on
+    # cosine similarity of each sample's flattened output to the reference's: mean and worst
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    output_kind: str = "logits"  # "logits" (N, C) or "features" (embeddings, hidden states)
 
 
 @dataclass
@@ -139,45 +157,72 @@ class EvaluationReport:
 # ----------------------------------------------------------------------------- sessions, inputs
 
 
-@dataclass(frozen=True)
-class _InputSpec:
-    name: str
-    sample_shape: tuple[int, ...]  # without the batch dimension
-    dtype: type
-    fixed_batch: int | None  # set when the model's batch dimension is a number
+def _input_specs(sess: InferenceSession) -> tuple[InputSpec, ...]:
+    return session_input_specs(sess)
 
 
-def _input_spec(sess: InferenceSession) -> _InputSpec:
-    inputs = sess.get_inputs()
-    if len(inputs) != 1:
-        names = ", ".join(i.name for i in inputs)
-        raise UnsupportedModelError(f"the model has {len(inputs)} inputs ({names}); expected one")
-    value = inputs[0]
-    if value.type not in _ORT_DTYPES:
-        raise UnsupportedModelError(
-            f"input '{value.name}' is {value.type}; expected a float tensor"
-        )
-    shape = list(value.shape)
-    if not shape:
-        raise UnsupportedModelError(f"input '{value.name}' is a scalar; expected a batch")
-    for i, d in enumerate(shape[1:], start=1):
-        if not isinstance(d, int):
-            raise UnsupportedModelError(
-                f"input '{value.name}' has a symbolic dimension {i} ('{d}'); pass --input-shape"
+def _as_feeds(sess_specs: Sequence[InputSpec], x: Inputs) -> dict[str, np.ndarray]:
+    """``x`` as a feed of every input in ``sess_specs``: one array feeds a single-input model
+    whatever its input is called; a mapping is read by input name. Arrays are converted to the
+    input's type within a kind (float to float, integer to integer); shapes are checked."""
+    if not isinstance(x, Mapping):
+        if len(sess_specs) != 1:
+            names = ", ".join(spec.name for spec in sess_specs)
+            raise DataError(
+                f"the model has {len(sess_specs)} inputs ({names}); pass a dict of arrays by "
+                "input name, not one array"
             )
-    fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-    return _InputSpec(value.name, tuple(shape[1:]), _ORT_DTYPES[value.type], fixed)
+        x = {sess_specs[0].name: x}
+    feeds = {}
+    for spec in sess_specs:
+        if spec.name not in x:
+            if len(sess_specs) == 1 and len(x) == 1:  # one input, one array: another name
+                array = np.asarray(next(iter(x.values())))
+            else:
+                raise DataError(
+                    f"no array for model input '{spec.name}' (arrays: {', '.join(x) or 'none'})"
+                )
+        else:
+            array = np.asarray(x[spec.name])
+        want = np.dtype(spec.dtype)
+        if array.dtype != want:
+            same_kind = (array.dtype.kind == "f") == (want.kind == "f") and (
+                array.dtype.kind == "b"
+            ) == (want.kind == "b")
+            if not same_kind:
+                raise DataError(
+                    f"input '{spec.name}' has dtype {array.dtype} but the model expects "
+                    f"{spec.describe()}"
+                )
+            array = array.astype(want)
+        if array.ndim == 0 or not spec.accepts(array.shape[1:]):
+            raise DataError(
+                f"input '{spec.name}' has shape {array.shape} but the model expects "
+                f"{spec.describe()}"
+            )
+        feeds[spec.name] = np.ascontiguousarray(array)
+    counts = {len(a) for a in feeds.values()}
+    if len(counts) > 1:
+        detail = ", ".join(f"{name} {len(a)}" for name, a in feeds.items())
+        raise DataError(f"the inputs have different numbers of samples ({detail})")
+    return feeds
+
+
+def _fixed_batch(specs: Sequence[InputSpec]) -> int | None:
+    return next((spec.fixed_batch for spec in specs if spec.fixed_batch), None)
 
 
 def run_outputs(
     sess: InferenceSession,
-    x: np.ndarray,
+    x: Inputs,
     batch_size: int = 256,
     *,
     progress: bool | Callable[[str, int, int], None] = False,
     description: str = "running",
 ) -> np.ndarray:
     """The session's first output on ``x``, computed ``batch_size`` rows at a time.
+
+    ``x`` is one array for a single-input model, or arrays by input name (every input fed).
 
     ``progress`` is True for a progress bar on an interactive stderr, or a callable
     ``(label, done, total)`` such as a ``compressor.progress.ProgressReporter`` already open.
@@ -191,25 +236,24 @@ def run_outputs(
 
 
 def _run_outputs(sess, x, batch_size, reporter, description) -> np.ndarray:
-    spec = _input_spec(sess)
-    x = np.ascontiguousarray(x, dtype=spec.dtype)
-    if x.shape[1:] != spec.sample_shape:
-        raise DataError(
-            f"inputs have shape {x.shape[1:]} per sample; the model takes {spec.sample_shape}"
-        )
-    n = len(x)
+    specs = _input_specs(sess)
+    feeds = _as_feeds(specs, x)
+    n = len(next(iter(feeds.values())))
     if n == 0:
         raise DataError("no inputs to run the model on")
-    step = spec.fixed_batch or max(1, int(batch_size))
+    fixed = _fixed_batch(specs)
+    step = fixed or max(1, int(batch_size))
     output_name = sess.get_outputs()[0].name
     chunks = []
     for start in range(0, n, step):
-        batch = x[start : start + step]
-        rows = len(batch)
-        if spec.fixed_batch and rows < step:
-            pad = np.zeros((step - rows, *batch.shape[1:]), dtype=batch.dtype)
-            batch = np.concatenate([batch, pad])
-        out = sess.run([output_name], {spec.name: batch})[0]
+        batch = {name: array[start : start + step] for name, array in feeds.items()}
+        rows = len(next(iter(batch.values())))
+        if fixed and rows < step:  # pad with the first row: zeros may be no valid mask
+            batch = {
+                name: np.concatenate([a, np.repeat(a[:1], step - rows, axis=0)])
+                for name, a in batch.items()
+            }
+        out = sess.run([output_name], batch)[0]
         chunks.append(np.asarray(out)[:rows])
         reporter(description, start + rows, n)
     return np.concatenate(chunks)
@@ -225,7 +269,7 @@ def _batch_of(x: np.ndarray, batch: int) -> np.ndarray:
 
 def measure_latency(
     sessions: Mapping[str, InferenceSession],
-    x: np.ndarray,
+    x: Inputs,
     batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
     *,
     warmup: int = 3,
@@ -240,21 +284,26 @@ def measure_latency(
     B, A, ...), so drifts in clock speed or cache state fall on all sessions alike. With
     ``runs`` set, exactly that many rounds; otherwise rounds continue until ``min_time_s``
     has passed (at least ``min_runs``, at most ``max_runs``). A session whose batch dimension
-    is fixed is timed only at that batch size.
+    is fixed is timed only at that batch size. ``x`` is one array (single-input models) or
+    arrays by input name; every session is fed the inputs it takes.
     """
     if not sessions:
         return {}
     names = list(sessions)
-    specs = {name: _input_spec(s) for name, s in sessions.items()}
+    specs = {name: _input_specs(s) for name, s in sessions.items()}
+    all_feeds = {name: _as_feeds(specs[name], x) for name in names}
     outputs = {name: [s.get_outputs()[0].name] for name, s in sessions.items()}
     result: dict[str, dict[int, LatencyStats]] = {name: {} for name in names}
     for batch in dict.fromkeys(int(b) for b in batch_sizes):  # unique, in order
         if batch < 1:
             raise OptionError(f"batch size {batch} must be at least 1")
-        active = [n for n in names if specs[n].fixed_batch in (None, batch)]
+        active = [n for n in names if _fixed_batch(specs[n]) in (None, batch)]
         if not active:
             continue
-        feeds = {n: {specs[n].name: _batch_of(x, batch).astype(specs[n].dtype)} for n in active}
+        feeds = {
+            n: {name: _batch_of(array, batch) for name, array in all_feeds[n].items()}
+            for n in active
+        }
         for n in active:
             for _ in range(warmup):
                 sessions[n].run(outputs[n], feeds[n])
@@ -400,11 +449,20 @@ def _resolve(model: Any, default_name: str) -> _Resolved:
     raise TypeError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
 
 
+def is_class_logits(shape: Sequence[int]) -> bool:
+    """Whether an output of ``shape`` (batch first) is judged as class logits: rank 2,
+    ``(N, C)`` with at least two classes. Rank 3 and above (hidden states ``(N, seq,
+    hidden)``, feature maps) and single values per sample are not: they are judged by cosine
+    similarity alone."""
+    return len(shape) == 2 and shape[1] >= 2
+
+
 def _top1(outputs: np.ndarray) -> np.ndarray:
-    """Predicted class per sample: argmax over axis 1 (the class axis of (N, C, ...))."""
-    if outputs.ndim < 2:
+    """Predicted class per sample: argmax over axis 1 of class logits (N, C)."""
+    if not is_class_logits(outputs.shape):
         raise UnsupportedModelError(
-            f"the model's first output has shape {outputs.shape}; expected (batch, classes)"
+            f"the model's first output has shape {outputs.shape}; expected class logits "
+            "(batch, classes)"
         )
     return outputs.argmax(axis=1)
 
@@ -417,24 +475,74 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(predictions == labels))
 
 
-def _inputs(
-    data: Dataset | None, sample_shape: tuple[int, ...], random_samples: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    if data is None:
-        rng = np.random.default_rng(RANDOM_SEED)
-        return rng.standard_normal((random_samples, *sample_shape), dtype=np.float32), None
-    x = np.asarray(data.x)
-    if x.ndim == 0 or x.shape[1:] != tuple(sample_shape):
-        raise DataError(
-            f"data '{data.name}' has samples of shape {x.shape[1:]}; the model takes "
-            f"{tuple(sample_shape)} (pass --input-shape to reshape the data)"
+def cosine_similarities(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each sample's flattened output to the reference's, in float64.
+
+    Two all-zero samples are identical (1); one all-zero sample against another is 0."""
+    a = np.asarray(candidate, np.float64).reshape(len(candidate), -1)
+    b = np.asarray(reference, np.float64).reshape(len(reference), -1)
+    if a.shape != b.shape:
+        raise VerificationError(
+            f"the candidate's output has shape {np.shape(candidate)} but the reference's has "
+            f"{np.shape(reference)}"
         )
-    if len(x) == 0:
-        raise DataError(f"data '{data.name}' is empty")
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.einsum("ij,ij->i", a, b)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.clip(np.where(both_zero, 1.0, cosine), -1.0, 1.0)
+
+
+def _inputs(
+    data: Dataset | None,
+    specs: Sequence[InputSpec],
+    proto: onnx.ModelProto,
+    random_samples: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, list[str]]:
+    """Feeds of every input, labels, and notes on how the data was fed."""
+    if data is None:
+        feeds, notes = stand_in_feeds(specs, random_samples, model=proto, seed=RANDOM_SEED)
+        return feeds, None, notes
+    feeds, notes = model_feeds(data, specs)
+    n = len(next(iter(feeds.values())))
     y = None if data.y is None else np.asarray(data.y)
-    if y is not None and len(y) != len(x):
-        raise DataError(f"data '{data.name}' has {len(x)} samples but {len(y)} labels")
-    return x, y
+    if y is not None and len(y) != n:
+        raise DataError(f"data '{data.name}' has {n} samples but {len(y)} labels")
+    return feeds, y, notes
+
+
+def _sample_shapes(feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(array.shape[1:]) for name, array in feeds.items()}
+
+
+def _reference_feeds(
+    feeds: dict[str, np.ndarray], cand: Sequence[InputSpec], ref: Sequence[InputSpec]
+) -> dict[str, np.ndarray]:
+    """The candidate's feeds for the reference: by name, or the one input of both."""
+    if len(cand) == 1 and len(ref) == 1:
+        if not ref[0].accepts(feeds[cand[0].name].shape[1:]) and not (
+            ref[0].shape is None or cand[0].shape is None
+        ):
+            raise OptionError(
+                f"the reference takes inputs of shape {ref[0].describe()} but the candidate "
+                f"takes {cand[0].describe()}: they are not the same model"
+            )
+        return {ref[0].name: feeds[cand[0].name]}
+    names = {spec.name for spec in ref}
+    if names != set(feeds):
+        raise OptionError(
+            f"the reference's inputs ({', '.join(s.name for s in ref)}) are not the "
+            f"candidate's ({', '.join(s.name for s in cand)}): they are not the same model"
+        )
+    for spec in ref:
+        if not spec.accepts(feeds[spec.name].shape[1:]):
+            raise OptionError(
+                f"the reference's input '{spec.name}' has shape {spec.describe()} but the "
+                f"candidate's has {feeds[spec.name].shape[1:]} per sample: they are not the "
+                "same model"
+            )
+    return feeds
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -473,41 +581,56 @@ def evaluate(
     notes: list[str] = []
     cand = _resolve(candidate, "candidate")
     ref = _resolve(reference, "reference") if reference is not None else None
-    cand_profile = profile_model(cand.proto, cand.file_bytes)
-    ref_profile = profile_model(ref.proto, ref.file_bytes) if ref else None
 
     sessions = {"candidate": runtime.session(cand.proto, provider, threads)}
     if ref is not None:
         sessions["reference"] = runtime.session(ref.proto, provider, threads)
-    specs = {n: _input_spec(s) for n, s in sessions.items()}
-    sample_shape = specs["candidate"].sample_shape
-    if ref is not None and specs["reference"].sample_shape != sample_shape:
-        raise OptionError(
-            f"the reference takes inputs of shape {specs['reference'].sample_shape} per sample "
-            f"but the candidate takes {sample_shape}: they are not the same model"
-        )
-
-    x, y = _inputs(data, sample_shape, random_samples)
+    specs = {n: _input_specs(s) for n, s in sessions.items()}
+    x, y, feed_notes = _inputs(data, specs["candidate"], cand.proto, random_samples)
+    feeds = {"candidate": x}
+    if ref is not None:
+        feeds["reference"] = _reference_feeds(x, specs["candidate"], specs["reference"])
+    samples = len(next(iter(x.values())))
     if data is None:
-        notes.append(f"no data: {len(x)} random standard-normal inputs; accuracy not measured")
+        kind = "random inputs (floats standard normal)" if feed_notes else (
+            "random standard-normal inputs"
+        )
+        notes.append(f"no data: {samples} {kind}; accuracy not measured")
     elif y is None:
         notes.append(f"data '{data.name}' has no labels; accuracy not measured")
+    notes.extend(feed_notes)
+
+    # the shapes fed fix the dimensions a graph leaves symbolic (a dynamic sequence length)
+    cand_profile = profile_model(cand.proto, cand.file_bytes, _sample_shapes(x))
+    ref_profile = (
+        profile_model(ref.proto, ref.file_bytes, _sample_shapes(feeds["reference"]))
+        if ref
+        else None
+    )
 
     with progress_bars(progress) as reporter:
         outputs = {
-            n: run_outputs(s, x, progress=reporter, description=f"{n}: outputs")
+            n: run_outputs(s, feeds[n], progress=reporter, description=f"{n}: outputs")
             for n, s in sessions.items()
         }
+    logits = is_class_logits(outputs["candidate"].shape)
+    if y is not None and not logits:
+        notes.append(
+            f"data '{data.name}' has labels but the model's first output has shape "
+            f"{outputs['candidate'].shape[1:]} per sample, not class logits (N, classes): "
+            "accuracy not measured"
+        )
+        y = None
     accuracy = {n: (_accuracy(o, y) if y is not None else None) for n, o in outputs.items()}
 
-    latency = measure_latency(
+    latency = measure_latency(  # a single input's one array feeds each whatever its name
         sessions, x, batch_sizes, runs=latency_runs, min_time_s=latency_min_time_s
     )
     for n, spec in specs.items():
         skipped = [b for b in batch_sizes if b not in latency[n]]
         if skipped:
             notes.append(
-                f"{n} has a fixed batch size of {spec.fixed_batch}: "
+                f"{n} has a fixed batch size of {_fixed_batch(spec)}: "
                 f"latency at batch {', '.join(map(str, skipped))} not measured"
             )
 
@@ -537,7 +660,7 @@ def evaluate(
         provider=provider,
         data=data.name if data is not None else None,
         machine=machine_info(provider),
-        samples=len(x),
+        samples=samples,
         notes=notes,
     )
     if plot_path is not None:
@@ -553,7 +676,9 @@ def compare_outputs(
     candidate: ModelStats,
     reference: ModelStats,
 ) -> Comparison:
-    """Compare two models' outputs on the same inputs and their measured stats."""
+    """Compare two models' outputs on the same inputs and their measured stats: top-1
+    agreement where the outputs are class logits (``is_class_logits``), differences and
+    cosine similarity always."""
     if candidate_outputs.shape != reference_outputs.shape:
         raise VerificationError(
             f"the candidate's output has shape {candidate_outputs.shape} but the reference's "
@@ -568,8 +693,13 @@ def compare_outputs(
     accuracy_delta = None
     if candidate.accuracy is not None and reference.accuracy is not None:
         accuracy_delta = candidate.accuracy - reference.accuracy
+    logits = is_class_logits(candidate_outputs.shape)
+    agreement = None
+    if logits:
+        agreement = float(np.mean(_top1(candidate_outputs) == _top1(reference_outputs)))
+    cosine = cosine_similarities(candidate_outputs, reference_outputs)
     return Comparison(
-        agreement=float(np.mean(_top1(candidate_outputs) == _top1(reference_outputs))),
+        agreement=agreement,
         max_abs_logit_diff=float(diff.max()) if diff.size else 0.0,
         mean_abs_logit_diff=float(diff.mean()) if diff.size else 0.0,
         speedup=speedup,
@@ -578,4 +708,7 @@ def compare_outputs(
         size_ratio=_ratio(candidate.file_bytes, reference.file_bytes),
         accuracy_delta=accuracy_delta,
         samples=len(candidate_outputs),
+        cosine_mean=float(cosine.mean()) if cosine.size else None,
+        cosine_min=float(cosine.min()) if cosine.size else None,
+        output_kind="logits" if logits else "features",
     )

@@ -1,15 +1,24 @@
 """Loading models into ONNX, and saving ONNX models atomically.
 
-Every supported source becomes an ``onnx.ModelProto`` with one input whose batch dimension is
-dynamic and whose other dimensions are fixed:
+Every supported source becomes an ``onnx.ModelProto`` whose inputs (one or several; float,
+integer or bool) have a dynamic batch dimension and fixed other dimensions:
 
-- ``.onnx``: loaded, checked with ``onnx.checker``; symbolic non-batch dims need an input shape;
+- ``.onnx``: loaded, checked with ``onnx.checker``; symbolic non-batch dims (a dynamic sequence
+  length, say) are fixed from the input shapes, else from the calibration data's arrays;
 - TorchScript archives (``torch.jit.save``): exported with the TorchScript-based exporter, since
   ``torch.export`` cannot trace a ``ScriptModule``;
 - ``torch.export`` archives (``.pt2``): the program's module is exported again; the program
   must have been exported with a dynamic batch (a fixed one is baked into its reshapes);
 - ``torch.save`` files: a state dict (needs ``arch``, a model-zoo name) or, only when the user
   trusts the file, a pickled ``nn.Module``.
+
+Torch modules are exported on example inputs built from the input shapes and types: the
+program's own for ``.pt2``, else the data arrays' (a TorchScript file records no dtypes: without
+data every input is float32). Integer examples are zeros, masks ones.
+
+Input shapes are per sample, without the batch: ``(1, 28, 28)`` for a single-input model, or
+a mapping ``{"input_ids": (128,), "attention_mask": (128,)}`` naming each input
+(``parse_input_shapes`` reads the ``--input-shape`` options into one or the other).
 
 Problems a user can fix raise ``ModelLoadError`` / ``OptionError`` with one line naming the file.
 """
@@ -26,17 +35,21 @@ import secrets
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from google.protobuf.message import DecodeError
 
+from compressor.data import InputSpec, graph_input_specs
 from compressor.errors import ModelLoadError, OptionError, UnsupportedModelError
 
 Shape = tuple[int, ...]
+# Per-sample input shapes: one shape for a single-input model, or one per input name.
+InputShapes = Shape | Mapping[str, Shape]
 
 # onnxruntime 1.31 reads IR versions up to 13; we stay conservative so older runtimes load our
 # output too. onnx >= 1.23 writes a newer IR by default, so everything we emit is capped here.
@@ -53,7 +66,11 @@ SUPPORTED_SUFFIXES = (".onnx", *TORCH_SUFFIXES)
 
 @dataclass
 class LoadedModel:
-    """A model loaded from ``source`` and converted to ONNX."""
+    """A model loaded from ``source`` and converted to ONNX.
+
+    ``inputs`` lists every graph input with its type and per-sample shape (all known);
+    ``input_shape`` and ``input_name`` are the first input's.
+    """
 
     proto: onnx.ModelProto
     source: Path
@@ -61,9 +78,29 @@ class LoadedModel:
     input_shape: Shape  # per sample, no batch dimension
     input_name: str
     torch_module: torch.nn.Module | None  # the torch original, for reference evaluation
+    inputs: tuple[InputSpec, ...] = field(default=())
+
+    @property
+    def input_shapes(self) -> dict[str, Shape]:
+        """Per-sample shape of every input, by name."""
+        return {spec.name: tuple(spec.shape or ()) for spec in self.inputs}  # type: ignore[misc]
+
+    @property
+    def input_shape_option(self) -> InputShapes:
+        """The input shapes as ``load_model(input_shape=...)`` takes them for another copy of
+        this model (the reference of a compressed one): the shape itself for a single input
+        (whose name an exporter may have changed), else the shapes by name."""
+        return self.input_shape if len(self.inputs) <= 1 else self.input_shapes
 
 
 # ----------------------------------------------------------------------------------- helpers
+
+
+INPUT_SHAPE_SYNTAX = (
+    "DIMS for a single-input model (1,28,28) or NAME:DIMS for each input of a model with "
+    "several (input_ids:128), the dimensions per sample without the batch; repeat "
+    "--input-shape for each input"
+)
 
 
 def parse_input_shape(text: str) -> Shape:
@@ -80,6 +117,43 @@ def parse_input_shape(text: str) -> Shape:
             "batch, like 1,28,28 or 1x28x28"
         )
     return shape
+
+
+def parse_input_shapes(texts: str | Sequence[str]) -> InputShapes | None:
+    """Parse ``--input-shape`` options: ``["1,28,28"]`` -> ``(1, 28, 28)`` (a single-input
+    model); ``["input_ids:128", "attention_mask:128"]`` -> ``{"input_ids": (128,), ...}``.
+
+    One unnamed shape, or one ``NAME:DIMS`` per input; mixing the two, naming an input twice
+    or a malformed option raises ``OptionError``. No options: None.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        return None
+    named: dict[str, Shape] = {}
+    unnamed: list[Shape] = []
+    for text in texts:
+        malformed = OptionError(f"--input-shape '{text}': expected {INPUT_SHAPE_SYNTAX}")
+        name, _, dims = text.rpartition(":")
+        name = name.strip()
+        if ";" in text or "=" in text or (":" in text and not name):
+            raise malformed
+        if name in named:
+            raise OptionError(f"--input-shape names input '{name}' twice")
+        try:
+            shape = parse_input_shape(dims)
+        except OptionError:
+            raise malformed from None
+        if name:
+            named[name] = shape
+        else:
+            unnamed.append(shape)
+    if unnamed and (named or len(unnamed) > 1):
+        raise OptionError(
+            "--input-shape: a shape without a name is for a single-input model; name each "
+            f"input's shape instead ({INPUT_SHAPE_SYNTAX})"
+        )
+    return unnamed[0] if unnamed else named
 
 
 def _first_line(exc: BaseException) -> str:
@@ -143,17 +217,23 @@ def _set_eval(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _export_dynamo(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def _export_dynamo(
+    module: torch.nn.Module,
+    examples: tuple[torch.Tensor, ...],
+    names: list[str],
+    path: Path,
+    opset: int,
+) -> None:
     # Dim(min=1) with a batch-2 example: torch.export specialises 0/1 sizes, so a batch-1
-    # example could fix the batch to 1.
+    # example could fix the batch to 1. One Dim for every input: they share the batch.
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(
         module,
-        (example,),
+        examples,
         str(path),
         dynamo=True,
-        dynamic_shapes=({0: batch},),
-        input_names=[INPUT_NAME],
+        dynamic_shapes=tuple({0: batch} for _ in examples),
+        input_names=names,
         output_names=[OUTPUT_NAME],
         opset_version=opset,
         verbose=False,
@@ -161,18 +241,44 @@ def _export_dynamo(module: torch.nn.Module, example: torch.Tensor, path: Path, o
 
 
 def _export_torchscript(
-    module: torch.nn.Module, example: torch.Tensor, path: Path, opset: int
+    module: torch.nn.Module,
+    examples: tuple[torch.Tensor, ...],
+    names: list[str],
+    path: Path,
+    opset: int,
 ) -> None:
     torch.onnx.export(
         module,
-        (example,),
+        examples,
         str(path),
         dynamo=False,
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        input_names=[INPUT_NAME],
+        dynamic_axes={**{name: {0: "batch"} for name in names}, OUTPUT_NAME: {0: "batch"}},
+        input_names=names,
         output_names=[OUTPUT_NAME],
         opset_version=opset,
     )
+
+
+def _example(spec: InputSpec, batch: int = 2) -> torch.Tensor:
+    """An export example of ``spec``: floats uniform in [0, 1), masks ones, other integers
+    zeros (a valid index into any table)."""
+    shape = (batch, *(spec.shape or ()))
+    dtype = torch.from_numpy(np.zeros(0, spec.dtype)).dtype
+    if dtype.is_floating_point:
+        return torch.rand(shape).to(dtype)
+    if spec.is_mask:
+        return torch.ones(shape, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _describe_inputs(specs: Sequence[InputSpec]) -> str:
+    if len(specs) == 1 and np.dtype(specs[0].dtype) == np.float32:
+        return f"input shape (batch,{_format_shape(tuple(specs[0].shape or ()))})"
+    listed = ", ".join(
+        f"{s.name} (batch,{_format_shape(tuple(s.shape or ()))}) {np.dtype(s.dtype).name}"
+        for s in specs
+    )
+    return f"inputs {listed}"
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -185,10 +291,16 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def export_to_onnx(
-    module: torch.nn.Module, input_shape: Shape, *, opset: int = DEFAULT_OPSET
+    module: torch.nn.Module,
+    input_shape: Shape | Sequence[InputSpec],
+    *,
+    opset: int = DEFAULT_OPSET,
 ) -> onnx.ModelProto:
-    """Export ``module`` (put in eval mode) to ONNX with input ``input`` of shape
-    ``(batch, *input_shape)``, the batch dynamic, and output ``logits``.
+    """Export ``module`` (put in eval mode) to ONNX, the batch dynamic, first output ``logits``.
+
+    ``input_shape`` is one per-sample shape (a single float input, named ``input``: the
+    shape ``(batch, *input_shape)``), or one ``InputSpec`` per argument of ``forward``, in
+    order, which name the ONNX inputs and give their types and per-sample shapes.
 
     Uses the ``torch.export``-based exporter; TorchScript modules, which it cannot trace, go
     through the TorchScript-based one. There is no fallback from the first to the second:
@@ -198,18 +310,24 @@ def export_to_onnx(
     if opset < MIN_OPSET:
         raise OptionError(f"opset {opset} is too old: compressor needs opset >= {MIN_OPSET}")
     _set_eval(module)
-    example = torch.rand(2, *input_shape)
+    if input_shape and isinstance(input_shape[0], InputSpec):
+        specs = list(input_shape)  # type: ignore[arg-type]
+    else:
+        shape = tuple(input_shape)  # type: ignore[arg-type]
+        specs = [InputSpec(INPUT_NAME, np.dtype(np.float32), shape)]
+    examples = tuple(_example(spec) for spec in specs)
+    names = [INPUT_NAME] if len(specs) == 1 else [spec.name for spec in specs]
     is_script = isinstance(module, torch.jit.ScriptModule | torch.jit.ScriptFunction)
     exporter = _export_torchscript if is_script else _export_dynamo
     with tempfile.TemporaryDirectory(prefix="compressor-export-") as tmp:
         path = Path(tmp) / "model.onnx"
         try:
             with _quiet_export(), torch.no_grad():
-                exporter(module, example, path, opset)
+                exporter(module, examples, names, path, opset)
         except Exception as exc:  # noqa: BLE001 - the exporters raise many kinds
             raise UnsupportedModelError(
-                f"cannot export {type(module).__name__} with input shape "
-                f"(batch,{_format_shape(input_shape)}) to ONNX: {_first_line(_root_cause(exc))}"
+                f"cannot export {type(module).__name__} with {_describe_inputs(specs)} to "
+                f"ONNX: {_first_line(_root_cause(exc))}"
             ) from exc
         # Loads external data (written next to the file for > 2 GB models) too.
         proto = onnx.load(str(path))
@@ -401,24 +519,54 @@ def _load_state_dict(path: Path, state: Mapping[str, torch.Tensor], arch: str) -
     return module
 
 
-def _exported_input(path: Path, program: torch.export.ExportedProgram) -> tuple[bool, Shape | None]:
-    """Whether the program's batch dimension is symbolic, and its per-sample input shape."""
+@dataclass(frozen=True)
+class _ProgramInput:
+    name: str
+    dtype: np.dtype | None
+    dynamic_batch: bool
+    shape: Shape | None  # per sample; None when a non-batch dimension is symbolic
+
+
+def _exported_inputs(path: Path, program: torch.export.ExportedProgram) -> list[_ProgramInput]:
+    """The program's tensor inputs: name, dtype, whether the batch is symbolic, shape."""
     user_inputs = list(program.graph_signature.user_inputs)
-    if len(user_inputs) != 1:
-        raise UnsupportedModelError(
-            f"{path}: the exported program has {len(user_inputs)} inputs; compressor handles "
-            "single-input models"
-        )
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name == user_inputs[0]:
-            value = node.meta.get("val")
-            if isinstance(value, torch.Tensor) and value.dim() >= 1:
-                dims = tuple(value.shape)
-                dynamic_batch = not isinstance(dims[0], int)
-                if all(isinstance(d, int) for d in dims[1:]):
-                    return dynamic_batch, tuple(int(d) for d in dims[1:])
-                return dynamic_batch, None
-    return True, None
+    if not user_inputs:
+        raise UnsupportedModelError(f"{path}: the exported program has no inputs")
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    found = []
+    for name in user_inputs:
+        node = placeholders.get(name)
+        value = node.meta.get("val") if node is not None else None
+        if not isinstance(value, torch.Tensor) or value.dim() < 1:
+            found.append(_ProgramInput(name, None, True, None))
+            continue
+        dims = tuple(value.shape)
+        dtype = torch.empty(0, dtype=value.dtype).numpy().dtype
+        static = all(isinstance(d, int) for d in dims[1:])
+        shape = tuple(int(d) for d in dims[1:]) if static else None
+        found.append(_ProgramInput(name, dtype, not isinstance(dims[0], int), shape))
+    return found
+
+
+def _forward_names(module: torch.nn.Module) -> list[str]:
+    """The names of ``forward``'s tensor arguments, in order (TorchScript's schema, or the
+    Python signature's positional parameters)."""
+    import inspect
+
+    if isinstance(module, torch.jit.ScriptModule):
+        try:
+            return [arg.name for arg in module.forward.schema.arguments[1:]]
+        except (AttributeError, RuntimeError):  # pragma: no cover - no forward method
+            return []
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a builtin forward
+        return []
+    return [
+        p.name
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
 
 
 # ---------------------------------------------------------------------------------- load
@@ -433,27 +581,118 @@ def _check_file(path: Path) -> None:
         raise ModelLoadError(f"{path}: the file is empty (0 bytes)")
 
 
-def _resolve_shape(path: Path, *candidates: Shape | None) -> Shape:
-    for shape in candidates:
-        if shape:
-            return tuple(int(d) for d in shape)
-    raise ModelLoadError(f"cannot determine the input shape of {path}: pass --input-shape")
+DataArrays = np.ndarray | Mapping[str, np.ndarray]
+
+
+def _data_array(data: DataArrays | None, name: str, single: bool) -> np.ndarray | None:
+    """The calibration array for input ``name``: by name, or a single input's only array."""
+    if data is None:
+        return None
+    if isinstance(data, Mapping):
+        if name in data:
+            return np.asarray(data[name])
+        if single and "x" in data:
+            return np.asarray(data["x"])
+        return None
+    return np.asarray(data) if single else None
+
+
+def _check_input_shape_names(
+    path: Path, input_shape: InputShapes | None, names: list[str]
+) -> None:
+    if isinstance(input_shape, Mapping):
+        for name in input_shape:
+            if name not in names:
+                raise OptionError(
+                    f"--input-shape names input '{name}', but {path} has inputs: "
+                    + ", ".join(names)
+                )
+    elif input_shape is not None and len(names) > 1:
+        raise OptionError(
+            f"{path} has {len(names)} inputs ({', '.join(names)}): name each input's shape, "
+            f"e.g. --input-shape {names[0]}:DIMS (per sample, without the batch)"
+        )
+
+
+def _resolve_shapes(
+    path: Path,
+    inputs: Sequence[tuple[str, Shape | None, str]],
+    input_shape: InputShapes | None,
+    zoo_shape: Shape | None,
+    data: DataArrays | None,
+    data_shape: Shape | None,
+) -> dict[str, Shape]:
+    """Per-sample shape of every input ``(name, shape the file records or None, why not)``:
+    the user's, else the zoo entry's, the file's, the data's, in that order."""
+    names = [name for name, _, _ in inputs]
+    _check_input_shape_names(path, input_shape, names)
+    single = len(inputs) == 1
+    shapes = {}
+    for name, recorded, why_not in inputs:
+        given = input_shape.get(name) if isinstance(input_shape, Mapping) else (
+            input_shape if single else None
+        )
+        array = _data_array(data, name, single)
+        from_data = tuple(array.shape[1:]) if array is not None and array.ndim >= 1 else None
+        for shape in (given, zoo_shape if single else None, recorded, from_data,
+                      data_shape if single else None):
+            if shape:
+                shapes[name] = tuple(int(d) for d in shape)
+                break
+        else:
+            if single:
+                raise ModelLoadError(
+                    f"cannot determine the input shape of {path}{why_not}: pass --input-shape"
+                )
+            raise ModelLoadError(
+                f"cannot determine the shape of input '{name}' of {path}{why_not}: pass "
+                f"--input-shape {name}:DIMS (per sample, without the batch) or --data with an "
+                f"array '{name}'"
+            )
+    return shapes
+
+
+def _torch_specs(
+    names: list[str],
+    dtypes: Mapping[str, np.dtype | None],
+    shapes: Mapping[str, Shape],
+    data: DataArrays | None,
+) -> list[InputSpec]:
+    """Example specs of a torch module's inputs: the program's dtype, else the data's (uint8
+    pixels feed a float input), else float32."""
+    single = len(names) == 1
+    specs = []
+    for name in names:
+        dtype = dtypes.get(name)
+        if dtype is None:
+            array = _data_array(data, name, single)
+            dtype = np.dtype(np.float32)
+            if array is not None and array.dtype != np.uint8 and (
+                array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer)
+            ):
+                dtype = array.dtype
+        specs.append(InputSpec(name, np.dtype(dtype), shapes[name]))
+    return specs
 
 
 def load_model(
     path: str | os.PathLike,
     *,
     arch: str | None = None,
-    input_shape: Shape | None = None,
+    input_shape: InputShapes | None = None,
     trust_pickle: bool = False,
     sample_input_shape: Shape | None = None,
+    sample_inputs: DataArrays | None = None,
 ) -> LoadedModel:
     """Load the model at ``path`` and convert it to ONNX.
 
-    ``arch`` names the zoo architecture of a state dict; ``input_shape`` is the per-sample input
-    shape (else the zoo entry's, the ONNX file's, the exported program's, or
-    ``sample_input_shape``, the calibration data's, in that order). Pickled modules are
-    loaded only with ``trust_pickle``.
+    ``arch`` names the zoo architecture of a state dict; ``input_shape`` is the per-sample
+    input shape, or shapes by input name for a model with several inputs (see the module
+    docstring). Where it gives none, an input's shape is the zoo entry's, the ONNX file's,
+    the exported program's, or the calibration data's, in that order: ``sample_inputs`` (the
+    data's arrays, by input name, or one array for a single input; their types also type a
+    torch module's example inputs) or ``sample_input_shape``. Pickled modules are loaded only
+    with ``trust_pickle``.
     """
     path = Path(path)
     _check_file(path)
@@ -470,17 +709,19 @@ def load_model(
             zoo_shape = tuple(zoo.get(arch).input_shape)
 
     if suffix == ".onnx":
-        return _load_onnx(path, input_shape or zoo_shape, sample_input_shape)
+        return _load_onnx(path, input_shape, zoo_shape, sample_inputs, sample_input_shape)
 
     archive = _torch_archive_format(_zip_names(path))
     module: torch.nn.Module
+    dtypes: dict[str, np.dtype | None] = {}
+    recorded: dict[str, Shape | None] = {}
     if archive == "torchscript":
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError for most problems
             raise ModelLoadError(f"{path}: cannot load TorchScript: {_first_line(exc)}") from exc
         source_format = "torchscript"
-        shape = _resolve_shape(path, input_shape, zoo_shape, sample_input_shape)
+        names = _forward_names(module)
     elif archive == "torch.export":
         try:
             program = torch.export.load(str(path))
@@ -488,8 +729,8 @@ def load_model(
             raise ModelLoadError(
                 f"{path}: cannot load the torch.export program: {_first_line(exc)}"
             ) from exc
-        dynamic_batch, program_shape = _exported_input(path, program)
-        if not dynamic_batch:
+        program_inputs = _exported_inputs(path, program)
+        if not all(i.dynamic_batch for i in program_inputs):
             # Its graph has the example's batch size baked in (in reshapes, for instance).
             raise ModelLoadError(
                 f"{path}: the torch.export program has a fixed batch size; export it again "
@@ -501,7 +742,9 @@ def load_model(
         except TypeError:  # pragma: no cover - torch without check_guards
             module = program.module()
         source_format = "torch.export"
-        shape = _resolve_shape(path, input_shape, zoo_shape, program_shape, sample_input_shape)
+        names = [i.name for i in program_inputs]
+        dtypes = {i.name: i.dtype for i in program_inputs}
+        recorded = {i.name: i.shape for i in program_inputs}
     else:
         obj = _torch_load(path, trust_pickle)
         state = _find_state_dict(obj)
@@ -517,51 +760,77 @@ def load_model(
         else:
             kind = type(obj).__name__
             raise ModelLoadError(f"{path}: holds a {kind}, neither a state dict nor an nn.Module")
-        shape = _resolve_shape(path, input_shape, zoo_shape, sample_input_shape)
+        names = _forward_names(module)
+    if len(names) <= 1:
+        names = names or [INPUT_NAME]
+        # one input: an unnamed shape or data array is its, whatever forward calls it
+        if isinstance(input_shape, Mapping) and list(input_shape) == [INPUT_NAME]:
+            input_shape = input_shape[INPUT_NAME]
+    shapes = _resolve_shapes(
+        path,
+        [(name, recorded.get(name), "") for name in names],
+        input_shape,
+        zoo_shape,
+        sample_inputs,
+        sample_input_shape,
+    )
     _set_eval(module)
-    proto = export_to_onnx(module, shape)
+    specs = _torch_specs(names, dtypes, shapes, sample_inputs)
+    if len(specs) == 1 and np.dtype(specs[0].dtype) == np.float32:
+        proto = export_to_onnx(module, shapes[names[0]])
+    else:
+        proto = export_to_onnx(module, specs)
+    inputs = graph_input_specs(proto)
     return LoadedModel(
         proto=proto,
         source=path,
         source_format=source_format,
-        input_shape=shape,
-        input_name=INPUT_NAME,
+        input_shape=tuple(inputs[0].shape or ()),  # type: ignore[arg-type]
+        input_name=inputs[0].name,
         torch_module=module,
+        inputs=inputs,
     )
 
 
 def _load_onnx(
-    path: Path, input_shape: Shape | None, sample_input_shape: Shape | None
+    path: Path,
+    input_shape: InputShapes | None,
+    zoo_shape: Shape | None,
+    sample_inputs: DataArrays | None,
+    sample_input_shape: Shape | None,
 ) -> LoadedModel:
     proto = _load_onnx_proto(path)
-    inputs = _graph_inputs(proto)
-    if len(inputs) != 1:
-        names = ", ".join(value.name for value in inputs) or "none"
-        raise UnsupportedModelError(
-            f"{path}: the model has {len(inputs)} inputs ({names}); compressor handles "
-            "single-input models"
-        )
-    value = inputs[0]
-    file_shape = _onnx_input_shape(value)
-    if file_shape is not None and all(d is not None for d in file_shape) and file_shape:
-        static_shape: Shape | None = tuple(int(d) for d in file_shape)  # type: ignore[arg-type]
-    else:
-        static_shape = None
-    if input_shape is None and static_shape is None and sample_input_shape is None:
+    values = _graph_inputs(proto)
+    if not values:
+        raise UnsupportedModelError(f"{path}: the model has no inputs")
+    described = []
+    for value in values:
+        file_shape = _onnx_input_shape(value)
+        static = None
+        if file_shape and all(d is not None for d in file_shape):
+            static = tuple(int(d) for d in file_shape)  # type: ignore[arg-type]
         symbolic = [i + 1 for i, d in enumerate(file_shape or ()) if d is None]
-        where = f" (dimension {', '.join(map(str, symbolic))} is symbolic)" if symbolic else ""
-        raise ModelLoadError(
-            f"cannot determine the input shape of {path}{where}: pass --input-shape"
-        )
-    shape = _resolve_shape(path, input_shape, static_shape, sample_input_shape)
-    _fix_onnx_input(path, value, shape)
+        why_not = f" (dimension {', '.join(map(str, symbolic))} is symbolic)" if symbolic else ""
+        described.append((value.name, static, why_not))
+    shapes = _resolve_shapes(
+        path,
+        described,
+        input_shape,
+        zoo_shape,
+        sample_inputs,
+        sample_input_shape,
+    )
+    for value in values:
+        _fix_onnx_input(path, value, shapes[value.name])
+    inputs = graph_input_specs(proto)
     return LoadedModel(
         proto=proto,
         source=path,
         source_format="onnx",
-        input_shape=shape,
-        input_name=value.name,
+        input_shape=shapes[values[0].name],
+        input_name=values[0].name,
         torch_module=None,
+        inputs=inputs,
     )
 
 

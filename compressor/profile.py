@@ -3,6 +3,10 @@
 MACs are counted per sample (batch 1) for the ops that dominate inference cost: Conv,
 ConvTranspose, Gemm, MatMul and our custom ops (which register their own counter). Everything
 else counts as zero MACs, the usual convention of FLOP counters in this field.
+
+A model may have several inputs of any type (token ids, masks, images): each one's batch
+dimension is set to 1; its other symbolic dimensions (a dynamic sequence length) are taken
+from the per-sample shapes passed in (``--input-shape``, or the data's).
 """
 
 from __future__ import annotations
@@ -34,8 +38,18 @@ class LayerProfile:
 
 
 @dataclass(frozen=True)
+class InputProfile:
+    """One graph input: its element type and shape at batch 1."""
+
+    name: str
+    dtype: str  # numpy's name: "float32", "int64", "bool"
+    shape: Shape
+
+
+@dataclass(frozen=True)
 class ModelProfile:
-    """Cost of a whole graph at batch 1."""
+    """Cost of a whole graph at batch 1. ``input_shape`` is the first input's; ``inputs``
+    lists every input."""
 
     layers: tuple[LayerProfile, ...]
     params: int
@@ -43,6 +57,7 @@ class ModelProfile:
     input_shape: Shape
     file_bytes: int | None = None
     ops: dict[str, int] = field(default_factory=dict)
+    inputs: tuple[InputProfile, ...] = ()
 
     def layer(self, name: str) -> LayerProfile:
         for layer in self.layers:
@@ -154,27 +169,47 @@ def _matmul_macs(node, shapes, inits) -> int:
     return math.prod(out) * a[-1]
 
 
-def static_shapes(model: onnx.ModelProto, batch: int = 1) -> tuple[dict[str, Shape], Shape]:
-    """Infer every tensor's shape with symbolic dims of the graph inputs set to ``batch``.
+def static_shapes(
+    model: onnx.ModelProto,
+    batch: int = 1,
+    input_shapes: Mapping[str, Shape] | None = None,
+) -> tuple[dict[str, Shape], Shape]:
+    """Infer every tensor's shape with the graph inputs' batch dimension set to ``batch`` and
+    their other symbolic dimensions from ``input_shapes`` (per-sample shapes by input name).
 
-    Returns the shapes by tensor name and the (first) graph input's shape.
+    Returns the shapes by tensor name and the first graph input's shape.
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     init_names = {i.name for i in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in init_names]
     if not graph_inputs:
         raise UnsupportedModelError("the model has no graph input")
+    input_shapes = input_shapes or {}
     for value in graph_inputs:
-        dims = value.type.tensor_type.shape.dim
+        given = input_shapes.get(value.name)
+        tensor_type = value.type.tensor_type
+        if given is not None and not tensor_type.HasField("shape"):  # rank unknown: set it
+            for _ in range(len(given) + 1):
+                tensor_type.shape.dim.add()
+        dims = tensor_type.shape.dim
+        if given is not None and len(given) != len(dims) - 1:
+            raise UnsupportedModelError(
+                f"input '{value.name}' has {len(dims) - 1} per-sample dimensions but its "
+                f"given shape {tuple(given)} has {len(given)}"
+            )
         for i, d in enumerate(dims):
-            if not d.HasField("dim_value"):
-                if i != 0:
-                    raise UnsupportedModelError(
-                        f"input '{value.name}' has a symbolic dimension {i} "
-                        f"('{d.dim_param}'); pass --input-shape"
-                    )
+            if i == 0:
+                if not d.HasField("dim_value"):
+                    d.Clear()
+                    d.dim_value = batch
+            elif given is not None:
                 d.Clear()
-                d.dim_value = batch
+                d.dim_value = int(given[i - 1])
+            elif not d.HasField("dim_value"):
+                raise UnsupportedModelError(
+                    f"input '{value.name}' has a symbolic dimension {i} ('{d.dim_param}'); "
+                    f"pass --input-shape {value.name}:DIMS"
+                )
     inferred = shape_inference.infer_shapes(model, data_prop=True)
     shapes: dict[str, Shape] = {}
     for vi in (
@@ -220,11 +255,24 @@ def _shapes_by_execution(model, graph_inputs, shapes, names) -> dict[str, Shape]
             if hasattr(out, "shape")}
 
 
-def profile_model(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelProfile:
-    """Profile ``model`` at batch 1 (shapes from ONNX shape inference)."""
+def _type_name(elem_type: int) -> str:
+    """numpy's name of an ONNX element type ("float32", "int64"), else ONNX's own."""
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except (KeyError, TypeError, ValueError):
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def profile_model(
+    model: onnx.ModelProto,
+    file_bytes: int | None = None,
+    input_shapes: Mapping[str, Shape] | None = None,
+) -> ModelProfile:
+    """Profile ``model`` at batch 1 (shapes from ONNX shape inference; ``input_shapes``, per
+    sample by input name, fix the dimensions the graph leaves symbolic)."""
     if any(node.domain not in ("", "ai.onnx") for node in model.graph.node):
         _load_custom_op_counters()
-    shapes, input_shape = static_shapes(model, batch=1)
+    shapes, input_shape = static_shapes(model, batch=1, input_shapes=input_shapes)
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:  # Constant nodes hold weights too (torch exports some)
         if node.op_type == "Constant" and node.output:
@@ -267,6 +315,13 @@ def profile_model(model: onnx.ModelProto, file_bytes: int | None = None) -> Mode
             )
         )
     params = sum(math.prod(inits[n].dims) for n in counted)
+    init_names = {init.name for init in model.graph.initializer}
+    inputs = tuple(
+        InputProfile(value.name, _type_name(value.type.tensor_type.elem_type),
+                     shapes.get(value.name, ()))
+        for value in model.graph.input
+        if value.name not in init_names
+    )
     return ModelProfile(
         layers=tuple(layers),
         params=params,
@@ -274,6 +329,7 @@ def profile_model(model: onnx.ModelProto, file_bytes: int | None = None) -> Mode
         input_shape=input_shape,
         file_bytes=file_bytes,
         ops=ops,
+        inputs=inputs,
     )
 
 

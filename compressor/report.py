@@ -111,6 +111,13 @@ def format_float(value: float | None) -> str:
     return f"{value:.2e}"
 
 
+def format_cosine(value: float | None) -> str:
+    """A cosine similarity near 1 with the digits that tell models apart: '0.999874'."""
+    if value is None or not math.isfinite(value):
+        return DASH
+    return f"{value:.6f}"
+
+
 def format_shape(shape: Sequence[int] | None) -> str:
     """(64, 3, 3, 3) -> '64×3×3×3'."""
     if shape is None:
@@ -211,9 +218,14 @@ def evaluation_table(report: EvaluationReport) -> Table:
         _signed(format_points(comp.accuracy_delta), comp.accuracy_delta) if comp else "",
     )
     if comp is not None:
-        row("top-1 agreement", DASH, format_percent(comp.agreement))
-        row("max |logit diff|", DASH, format_float(comp.max_abs_logit_diff))
-        row("mean |logit diff|", DASH, format_float(comp.mean_abs_logit_diff), end_section=True)
+        # outputs that are not class logits (embeddings, hidden states) have no top-1
+        if comp.agreement is not None:
+            row("top-1 agreement", DASH, format_percent(comp.agreement))
+        row("cosine similarity, mean", DASH, format_cosine(comp.cosine_mean))
+        row("cosine similarity, min", DASH, format_cosine(comp.cosine_min))
+        what = "logit" if comp.output_kind == "logits" else "output"
+        row(f"max |{what} diff|", DASH, format_float(comp.max_abs_logit_diff))
+        row(f"mean |{what} diff|", DASH, format_float(comp.mean_abs_logit_diff), end_section=True)
     else:
         table.rows[-1].end_section = True
 
@@ -414,6 +426,13 @@ def profile_table(
         + (f", at batch {batch}" if batch != 1 else " per sample")
         + f"; {len(profile.layers)} nodes"
     ]
+    if profile.inputs:
+        caption.append(
+            ("inputs: " if len(profile.inputs) > 1 else "input: ")
+            + ", ".join(
+                f"{i.name} {i.dtype} {format_shape(('N', *i.shape[1:]))}" for i in profile.inputs
+            )
+        )
     if profile.ops:
         caption.append(", ".join(f"{op} {n}" for op, n in sorted(profile.ops.items())))
     if profile.file_bytes is not None:
@@ -443,12 +462,16 @@ def summary_table(
     agreement: float | None = None,
     samples: int | None = None,
     title: str | None = "compression summary",
+    cosine_mean: float | None = None,
+    cosine_min: float | None = None,
 ) -> Table:
     """Before/after totals of a compression run (for ``compressor compress``).
 
     ``requested_ratio`` is the target of ``ratio_of`` ('params', 'macs' or 'size'), compared
-    with the ratio reached. ``output_error`` (relative, ||y' - y|| / ||y||) and ``agreement``
-    (top-1, fraction) are measured on ``samples`` calibration inputs.
+    with the ratio reached. ``output_error`` (relative, ||y' - y|| / ||y||), ``agreement``
+    (top-1, fraction; None for outputs that are not class logits) and the cosine similarity
+    of each sample's output to the original's (mean, min) are measured on ``samples``
+    calibration inputs.
     """
     if ratio_of not in _RATIO_OF:
         raise ValueError(f"ratio_of must be one of {', '.join(_RATIO_OF)}, not {ratio_of!r}")
@@ -498,7 +521,11 @@ def summary_table(
         table.add_row("output rel. error", "", format_float(output_error), "")
     if agreement is not None:
         table.add_row("top-1 agreement", "", format_percent(agreement), "")
-    if output_error is not None or agreement is not None:
+    if cosine_mean is not None:
+        table.add_row("cosine similarity, mean", "", format_cosine(cosine_mean), "")
+    if cosine_min is not None:
+        table.add_row("cosine similarity, min", "", format_cosine(cosine_min), "")
+    if output_error is not None or agreement is not None or cosine_mean is not None:
         on = f"{samples} calibration samples" if samples else "the calibration data"
         table.caption = f"measured on {on}"
         table.caption_justify = "left"

@@ -2,12 +2,13 @@
 
 ``Calibration.collect`` returns intermediate tensors; ``Calibration.stream`` feeds them batch
 by batch to accumulators, so statistics such as input covariances never hold every activation
-of the calibration set in memory at once.
+of the calibration set in memory at once. A model with several inputs (token ids and an
+attention mask, two images) gets every input, batch by batch; integer inputs keep their type.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,25 +24,140 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 class Calibration:
-    """A batch of model inputs and the machinery to observe the model on them."""
+    """Calibration samples of a model's inputs and the machinery to observe the model on them.
+
+    ``inputs`` is a mapping from input name to array, every array holding the same number of
+    samples on axis 0 (a model with several inputs: ``{"input_ids": int64 (N, 128),
+    "attention_mask": int64 (N, 128)}``), or one array for a single-input model, which is fed
+    to whatever the model's only input is called. Float arrays are stored as float32 for one
+    unnamed array (as the float models of the zoo take them) and as given in a mapping (the
+    caller matched them to the model's types, ``compressor.data.model_feeds``); integer and
+    bool arrays always keep their type.
+    """
 
     def __init__(
         self,
-        inputs: np.ndarray,
+        inputs: np.ndarray | Mapping[str, np.ndarray],
         *,
         batch_size: int = 128,
         provider: str = "cpu",
         progress: ProgressFn | None = None,
     ):
-        if inputs.ndim < 2 or len(inputs) == 0:
-            raise DataError(f"calibration inputs must be a non-empty batch, got shape {inputs.shape}")
-        self.inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        if isinstance(inputs, Mapping):
+            if not inputs:
+                raise DataError("calibration inputs must name at least one model input")
+            arrays = {str(name): np.ascontiguousarray(a) for name, a in inputs.items()}
+            for name, array in arrays.items():
+                if array.ndim < 1 or len(array) == 0:
+                    raise DataError(
+                        f"calibration input '{name}' must be a non-empty batch, got shape "
+                        f"{array.shape}"
+                    )
+            counts = {name: len(array) for name, array in arrays.items()}
+            if len(set(counts.values())) > 1:
+                detail = ", ".join(f"{name} {n}" for name, n in counts.items())
+                raise DataError(f"calibration inputs have different numbers of samples ({detail})")
+            self._arrays: dict[str, np.ndarray] = arrays
+            self._unnamed: np.ndarray | None = None
+        else:
+            inputs = np.asarray(inputs)
+            if inputs.ndim < 2 or len(inputs) == 0:
+                raise DataError(
+                    f"calibration inputs must be a non-empty batch, got shape {inputs.shape}"
+                )
+            if inputs.dtype.kind == "f" or inputs.dtype.kind not in "biu":
+                inputs = inputs.astype(np.float32, copy=False)
+            self._arrays = {}
+            self._unnamed = np.ascontiguousarray(inputs)
+        if batch_size < 1:
+            raise DataError(f"calibration batch size must be positive, got {batch_size}")
         self.batch_size = batch_size
         self.provider = provider
         self.progress = progress
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        if self._unnamed is not None:
+            return len(self._unnamed)
+        return len(next(iter(self._arrays.values())))
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The model inputs the samples are named for; empty for one unnamed array (it feeds
+        whatever a single-input model calls its input)."""
+        return tuple(self._arrays)
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """The samples of a single-input calibration (its one array, named or not). A
+        calibration of several inputs has no single array: use ``feeds`` or ``arrays``."""
+        if self._unnamed is not None:
+            return self._unnamed
+        if len(self._arrays) == 1:
+            return next(iter(self._arrays.values()))
+        raise DataError(
+            f"the calibration has {len(self._arrays)} inputs ({', '.join(self._arrays)}); "
+            "iterate Calibration.feeds() instead of reading one array"
+        )
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every input's samples by name (empty for one unnamed array: see ``inputs``)."""
+        return dict(self._arrays)
+
+    def subset(self, count: int) -> Calibration:
+        """The first ``count`` samples of every input, with the same batch size and provider
+        (and no progress reports: a subset serves one step of a pass)."""
+        if count < 1:
+            raise DataError(f"a calibration subset needs at least one sample, got {count}")
+        inputs = (
+            self._unnamed[:count]
+            if self._unnamed is not None
+            else {name: array[:count] for name, array in self._arrays.items()}
+        )
+        return Calibration(inputs, batch_size=self.batch_size, provider=self.provider)
+
+    def feeds(
+        self, batch_size: int | None = None, input_names: Sequence[str] | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The samples as onnxruntime feeds, ``batch_size`` samples at a time (default: the
+        calibration's; the last batch may be shorter), in order.
+
+        Each feed maps input name -> array slice (views, not copies), ready for
+        ``session.run(outputs, feed)``. ``input_names`` selects the inputs a session takes
+        (``[i.name for i in session.get_inputs()]``); a calibration of one unnamed array
+        needs it to name that array (one name). Default: every input the calibration holds.
+        Raises ``DataError`` when a wanted input has no samples.
+        """
+        size = self.batch_size if batch_size is None else int(batch_size)
+        if size < 1:
+            raise DataError(f"calibration batch size must be positive, got {size}")
+        arrays = self._select(input_names)
+        total = len(self)
+        for start in range(0, total, size):
+            yield {name: array[start : start + size] for name, array in arrays.items()}
+
+    def _select(self, input_names: Sequence[str] | None) -> dict[str, np.ndarray]:
+        if self._unnamed is not None:
+            if input_names is None:
+                raise DataError(
+                    "the calibration holds one unnamed array: pass the model's input name "
+                    "to feeds(input_names=[...])"
+                )
+            if len(input_names) != 1:
+                raise DataError(
+                    f"the model has {len(input_names)} inputs ({', '.join(input_names)}) but "
+                    "the calibration data is one unnamed array; give one array per input"
+                )
+            return {input_names[0]: self._unnamed}
+        if input_names is None:
+            return dict(self._arrays)
+        missing = [name for name in input_names if name not in self._arrays]
+        if missing:
+            raise DataError(
+                f"the calibration has no samples for model input '{missing[0]}' (it has: "
+                f"{', '.join(self._arrays)})"
+            )
+        return {name: self._arrays[name] for name in input_names}
 
     def _session_with_outputs(self, model: ir.Model | onnx.ModelProto, names: Iterable[str]):
         if isinstance(model, ir.Model):
@@ -54,6 +170,11 @@ class Calibration:
                 present.add(name)
         return runtime.session(proto, provider=self.provider)
 
+    def _report(self, label: str, start: int) -> None:
+        if self.progress is not None:
+            total = len(self)
+            self.progress(label, min(start + self.batch_size, total), total)
+
     def stream(
         self,
         model: ir.Model,
@@ -63,14 +184,11 @@ class Calibration:
     ) -> None:
         """Run the model batch by batch; call ``consume`` with the named tensors of each batch."""
         sess = self._session_with_outputs(model, value_names)
-        input_name = sess.get_inputs()[0].name
-        total = len(self.inputs)
-        for start in range(0, total, self.batch_size):
-            batch = self.inputs[start : start + self.batch_size]
-            outputs = sess.run(value_names, {input_name: batch})
+        wanted = [i.name for i in sess.get_inputs()]
+        for i, feed in enumerate(self.feeds(input_names=wanted)):
+            outputs = sess.run(value_names, feed)
             consume(dict(zip(value_names, outputs, strict=True)))
-            if self.progress is not None:
-                self.progress(label, min(start + self.batch_size, total), total)
+            self._report(label, i * self.batch_size)
 
     def stream_pair(
         self,
@@ -82,17 +200,13 @@ class Calibration:
         """Run two models on the same batches (e.g. the original and the partly compressed
         one) and call ``consume`` with both sets of named tensors."""
         sessions = [self._session_with_outputs(m, names) for m, names in (first, second)]
-        inputs = [s.get_inputs()[0].name for s in sessions]
-        total = len(self.inputs)
-        for start in range(0, total, self.batch_size):
-            batch = self.inputs[start : start + self.batch_size]
+        feeds = [self.feeds(input_names=[i.name for i in s.get_inputs()]) for s in sessions]
+        for i, pair in enumerate(zip(*feeds, strict=True)):
             got = []
-            for sess, input_name, (_, names) in zip(sessions, inputs, (first, second),
-                                                    strict=True):
-                got.append(dict(zip(names, sess.run(names, {input_name: batch}), strict=True)))
+            for sess, feed, (_, names) in zip(sessions, pair, (first, second), strict=True):
+                got.append(dict(zip(names, sess.run(names, feed), strict=True)))
             consume(*got)
-            if self.progress is not None:
-                self.progress(label, min(start + self.batch_size, total), total)
+            self._report(label, i * self.batch_size)
 
     def collect(self, model: ir.Model, value_names: list[str]) -> dict[str, np.ndarray]:
         """The named intermediate tensors on every calibration input, concatenated on axis 0."""

@@ -342,9 +342,7 @@ def conv_attributes_list(layer: ConvLayer) -> list:
 
 def layer_inputs(calibration: Calibration, model: ir.Model, name: str, samples: int) -> np.ndarray:
     """The value ``name`` on the first ``samples`` calibration inputs of ``model``."""
-    subset = Calibration(calibration.inputs[:samples], batch_size=calibration.batch_size,
-                         provider=calibration.provider)
-    return subset.collect(model, [name])[name]
+    return calibration.subset(samples).collect(model, [name])[name]
 
 
 # ---------------------------------------------------------------------------------------------

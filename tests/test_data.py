@@ -60,9 +60,14 @@ def test_npz_float_is_kept_and_y_is_optional(tmp_path):
     np.testing.assert_allclose(dataset.x, x, rtol=1e-6)
 
 
-def test_npz_missing_x_names_the_keys(tmp_path):
-    path = write_npz(tmp_path / "d.npz", images=np.zeros((2, 4)))
-    with pytest.raises(DataError, match=r"d\.npz: no array 'x' in the file \(keys: images\)"):
+def test_npz_keeps_its_arrays_by_name_and_needs_one_besides_y(tmp_path):
+    images = np.arange(8, dtype=np.uint8).reshape(2, 4)
+    dataset = load_data(write_npz(tmp_path / "d.npz", images=images))
+    assert list(dataset.inputs) == ["images"]
+    np.testing.assert_array_equal(dataset.inputs["images"], images)  # as stored
+    np.testing.assert_allclose(dataset.x, images / 255, rtol=1e-6)  # x: the first, converted
+    path = write_npz(tmp_path / "labels.npz", y=np.arange(2))
+    with pytest.raises(DataError, match=r"labels\.npz: no input arrays in the file \(keys: y\)"):
         load_data(path)
 
 
@@ -82,8 +87,11 @@ def test_npz_bad_labels_and_dtypes(tmp_path):
         load_data(write_npz(tmp_path / "b.npz", x=x, y=np.array([0, 10])), num_classes=10)
     with pytest.raises(DataError, match=r"y must be 1-D class indices, got shape \(2, 2\)"):
         load_data(write_npz(tmp_path / "c.npz", x=x, y=np.eye(2, dtype=np.int64)))
-    with pytest.raises(DataError, match="x has dtype int32; expected uint8"):
-        load_data(write_npz(tmp_path / "d.npz", x=x.astype(np.int32)))
+    with pytest.raises(DataError, match="x has dtype <U1; expected uint8"):
+        load_data(write_npz(tmp_path / "d.npz", x=np.array([["a"], ["b"]])))
+    # other integers are kept as they are: token ids and masks are fed to integer inputs
+    ints = load_data(write_npz(tmp_path / "i.npz", x=x.astype(np.int32) + 7))
+    assert ints.x.dtype == np.int32 and int(ints.x.max()) == 7
     with pytest.raises(DataError, match="NaN or infinite"):
         load_data(write_npz(tmp_path / "e.npz", x=np.array([[np.nan]])))
 

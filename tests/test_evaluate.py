@@ -216,7 +216,9 @@ def test_corrupt_file_is_a_load_error(tmp_path):
 
 def test_data_of_the_wrong_shape_is_a_data_error(pair):
     ref_w, _, _ = pair
-    with pytest.raises(DataError, match=r"shape \(5,\).*takes \(8,\)"):
+    with pytest.raises(
+        DataError, match=r"input 'x' has shape \(10, 5\) but the model expects \(N, 8\) float32"
+    ):
         evaluate(mlp_model(ref_w), data=Data(np.zeros((10, 5), np.float32), None), **FAST)
     with pytest.raises(DataError, match="10 samples but 3 labels"):
         evaluate(mlp_model(ref_w), data=Data(np.zeros((10, IN), np.float32), np.zeros(3)), **FAST)
