@@ -40,12 +40,12 @@ def _friendly_errors(fn):
 
 
 def _input_shape(ctx, param, value):
-    if value is None:
+    if not value:
         return None
-    from compressor.io import parse_input_shape
+    from compressor.io import parse_input_shapes
 
     try:
-        return parse_input_shape(value)
+        return parse_input_shapes(value)
     except OptionError as e:
         raise click.BadParameter(str(e)) from e
 
@@ -63,8 +63,12 @@ model_loading = [
     ),
     click.option(
         "--input-shape",
+        multiple=True,
         callback=_input_shape,
-        help="Per-sample input shape, e.g. 1,28,28, for files that do not record one.",
+        help="Per-sample input shape (no batch) where the file records none or leaves a "
+        "dimension symbolic: 1,28,28 for a single-input model; NAME:DIMS for each input of a "
+        "model with several, the option repeated (--input-shape input_ids:128 "
+        "--input-shape attention_mask:128).",
     ),
     click.option(
         "--trust-pickle",
@@ -351,11 +355,11 @@ def evaluate_command(
 
     candidate = io.load_model(model, input_shape=input_shape)
     ref = None
-    if reference is not None:
+    if reference is not None:  # with the candidate's shapes: the dims it fixed, fixed alike
         ref = io.load_model(
             reference,
             arch=arch,
-            input_shape=input_shape or candidate.input_shape,
+            input_shape=input_shape or candidate.input_shape_option,
             trust_pickle=trust_pickle,
         )
     dataset = None
@@ -363,10 +367,8 @@ def evaluate_command(
         dataset = load_data(data, split="test", limit=limit, input_shape=candidate.input_shape)
     kwargs = {"batch_sizes": tuple(batch_sizes)} if batch_sizes else {}
     result = evaluate(
-        candidate.proto if candidate.source_format != "onnx" else model,
-        reference=None
-        if ref is None
-        else (ref.proto if ref.source_format != "onnx" else reference),
+        candidate,  # loaded: the dims --input-shape fixed stay fixed; file sizes are the files'
+        reference=ref,
         data=dataset,
         provider=provider,
         threads=threads,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 import compressor
 from compressor import io, runtime
-from compressor.data import Dataset, load_data
-from compressor.errors import DataError, OptionError, VerificationError
+from compressor.data import Dataset, Feeds, InputSpec, load_data, model_feeds, stand_in_feeds
+from compressor.errors import OptionError, VerificationError
+from compressor.evaluate import cosine_similarities, is_class_logits, run_outputs
 from compressor.methods import METHODS
 from compressor.passes.base import PassManager, PassResult
 from compressor.passes.calibrate import Calibration
@@ -47,7 +49,8 @@ class CompressOptions:
     data: str | None = None
     calib_samples: int = 512
     arch: str | None = None
-    input_shape: tuple[int, ...] | None = None
+    # per sample, no batch: one shape (single input), or by input name (io.parse_input_shapes)
+    input_shape: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
     trust_pickle: bool = False
     seed: int = 0
     provider: str = "cpu"
@@ -93,12 +96,16 @@ class Verification:
 
     inputs: str  # "calibration" or "random"
     samples: int
-    agreement: float
+    agreement: float | None  # top-1; None when the output is not class logits (N, C)
     max_abs_diff: float
     mean_abs_diff: float
     relative_error: float
     checker: bool = True
     onnxruntime: bool = True
+    # cosine similarity of each sample's flattened output to the original's: mean and worst
+    # (judges embeddings and hidden states, which have no top-1; see compressor.evaluate)
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
 
 
 @dataclass
@@ -132,27 +139,24 @@ def _load_calibration_data(opts: CompressOptions) -> Dataset | None:
     return load_data(opts.data, split="train", limit=opts.calib_samples)
 
 
-def _fit_to_shape(data: Dataset, shape: tuple[int, ...], source: str) -> np.ndarray:
-    x = data.x
-    if tuple(x.shape[1:]) == tuple(shape):
-        return x
-    per_sample = int(np.prod(x.shape[1:]))
-    if per_sample == int(np.prod(shape)):
-        return x.reshape((len(x), *shape))
-    raise DataError(
-        f"data '{source}' has samples of shape {tuple(x.shape[1:])} but the model expects "
-        f"{tuple(shape)}"
-    )
+def _fit_to_shape(data: Dataset, inputs: Sequence[InputSpec], source: str) -> Feeds:
+    """The data's arrays as feeds of every model input (types converted, a single input's
+    samples reshaped to fit), and notes on doubtful conversions."""
+    return model_feeds(data, inputs, source=Path(source).name or source)
 
 
 def verify(
     original: onnx.ModelProto,
     compressed: onnx.ModelProto,
-    inputs: np.ndarray,
+    inputs: np.ndarray | Mapping[str, np.ndarray],
     provider: str = "cpu",
     label: str = "calibration",
 ) -> Verification:
-    """onnx.checker, onnxruntime load and run, and output comparison with the original."""
+    """onnx.checker, onnxruntime load and run, and output comparison with the original.
+
+    ``inputs``: one array for a single-input model, or arrays by input name (every input
+    fed). Top-1 agreement is measured where the first output is class logits; the cosine
+    similarity of each sample's output always."""
     try:
         onnx.checker.check_model(compressed, full_check=True)
     except Exception as e:  # onnx raises several types
@@ -162,23 +166,23 @@ def verify(
         sess_ref = runtime.session(original, provider=provider)
     except Exception as e:
         raise VerificationError(f"onnxruntime cannot load the compressed model: {e}") from e
-    name_new, name_ref = sess_new.get_inputs()[0].name, sess_ref.get_inputs()[0].name
-    ys_new, ys_ref = [], []
-    for start in range(0, len(inputs), 256):
-        batch = inputs[start : start + 256]
-        ys_new.append(sess_new.run(None, {name_new: batch})[0])
-        ys_ref.append(sess_ref.run(None, {name_ref: batch})[0])
-    y_new, y_ref = np.concatenate(ys_new), np.concatenate(ys_ref)
+    y_new = run_outputs(sess_new, inputs, 256)
+    y_ref = run_outputs(sess_ref, inputs, 256)
     if y_new.shape != y_ref.shape:
         raise VerificationError(f"output shape changed: {y_ref.shape} -> {y_new.shape}")
     if not np.all(np.isfinite(y_new)):
         raise VerificationError("compressed model produces non-finite outputs")
-    diff = np.abs(y_new - y_ref)
-    agreement = float(
-        np.mean(y_new.reshape(len(y_new), -1).argmax(1) == y_ref.reshape(len(y_ref), -1).argmax(1))
+    y_new64, y_ref64 = y_new.astype(np.float64), y_ref.astype(np.float64)
+    diff = np.abs(y_new64 - y_ref64)
+    agreement = None
+    if is_class_logits(y_new.shape):
+        agreement = float(np.mean(y_new.argmax(1) == y_ref.argmax(1)))
+    cosine = cosine_similarities(y_new, y_ref)
+    rel = float(np.linalg.norm(y_new64 - y_ref64) / max(np.linalg.norm(y_ref64), 1e-30))
+    return Verification(
+        label, len(y_new), agreement, float(diff.max()), float(diff.mean()), rel,
+        cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()),
     )
-    rel = float(np.linalg.norm(y_new - y_ref) / max(np.linalg.norm(y_ref), 1e-30))
-    return Verification(label, len(inputs), agreement, float(diff.max()), float(diff.mean()), rel)
 
 
 def _file_digest(path: Path) -> str:
@@ -216,7 +220,7 @@ def compress(opts: CompressOptions, progress: ProgressReporter | None = None) ->
         arch=opts.arch,
         input_shape=opts.input_shape,
         trust_pickle=opts.trust_pickle,
-        sample_input_shape=None if data is None else tuple(data.x.shape[1:]),
+        sample_inputs=None if data is None else (data.inputs or data.x),
     )
     if Path(opts.model).resolve() == output.resolve():
         raise OptionError(f"output '{output}' is the input file; choose another -o")
@@ -233,8 +237,9 @@ def compress(opts: CompressOptions, progress: ProgressReporter | None = None) ->
     calibration = None
     notes = list(cleanup.notes)
     if data is not None:
-        x = _fit_to_shape(data, loaded.input_shape, str(opts.data))
-        calibration = Calibration(x, provider=opts.provider, progress=report)
+        feeds = _fit_to_shape(data, loaded.inputs, str(opts.data))
+        notes.extend(feeds.notes)
+        calibration = Calibration(feeds.arrays, provider=opts.provider, progress=report)
     else:
         notes.append(f"no --data: {opts.method} runs in its data-free form")
 
@@ -252,10 +257,11 @@ def compress(opts: CompressOptions, progress: ProgressReporter | None = None) ->
     after = profile_model(compressed)
 
     if calibration is not None:
-        check_inputs, label = calibration.inputs, "calibration"
-    else:
-        rng = np.random.default_rng(opts.seed)
-        check_inputs = rng.random((64, *loaded.input_shape), dtype=np.float32)
+        check_inputs, label = calibration.arrays, "calibration"
+    else:  # floats uniform in [0, 1); token ids within their vocabulary, masks ones
+        check_inputs = stand_in_feeds(
+            loaded.inputs, 64, model=original, seed=opts.seed, floats="uniform"
+        ).arrays
         label = "random"
     verification = verify(original, compressed, check_inputs, opts.provider, label)
     report("verify", 1, 1)
