@@ -18,6 +18,7 @@ the nodes that compute in int8, for ``compressor evaluate`` and ``compressor ins
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import tempfile
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import onnx
@@ -35,10 +36,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressor import runtime
 from compressor.errors import CompressionError, DataError, OptionError, PassError
-from compressor.latency import LatencyContext, candidate_model
 from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
 from compressor.passes.graph import NameScope
-from compressor.profile import profile_model, static_shapes
+from compressor.profile import profile_model
+
+if TYPE_CHECKING:
+    from compressor.latency import LatencyContext
 
 MAX_IR_VERSION = 10  # what the onnxruntime here reads (the pipeline caps its output the same)
 
@@ -65,8 +68,11 @@ FLOAT_OUTPUT_OK = frozenset({"Gemm", "MatMul"})
 # quantizer quantizes them only when their input is already quantized, so they follow the
 # decisions above.
 INT8_PASS_THROUGH = frozenset(
-    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize"}
+    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Slice"}
 )
+# The pass-through ops onnxruntime's QDQPropagationTransformer moves a QuantizeLinear up (and
+# a DequantizeLinear down) through: they run in int8 with only one side quantized.
+QDQ_PROPAGATES = frozenset({"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice"})
 # A Relu or Clip after a quantized node is folded into that node's uint8 output range.
 REMOVABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 OPS_TO_QUANTIZE = tuple(sorted(set(INT8_KERNELS) | INT8_PASS_THROUGH | REMOVABLE_ACTIVATIONS))
@@ -167,9 +173,12 @@ def int8_nodes(proto: onnx.ModelProto) -> list[str]:
 
     A node computes in int8 when every float input comes from a DequantizeLinear, at least one
     of them dequantizes an activation (not a constant weight), and -- except for Gemm and
-    MatMul, which fuse with a float output too -- a QuantizeLinear takes its output. Only ops
-    with an int8 kernel (``INT8_KERNELS``) or that move int8 values as they are
-    (``INT8_PASS_THROUGH``) count. Nodes without a name are named ``op_type:index``.
+    MatMul, which fuse with a float output too -- QuantizeLinear takes its output. Only ops with
+    an int8 kernel (``INT8_KERNELS``) or that move int8 values as they are
+    (``INT8_PASS_THROUGH``) count. onnxruntime also moves QuantizeLinear up and
+    DequantizeLinear down through some of the latter (``QDQ_PROPAGATES``), which then run in
+    int8 with a quantized output or input alone. Nodes without a name are named
+    ``op_type:index``.
     """
     graph = proto.graph
     producers, consumers = _index(graph)
@@ -178,8 +187,19 @@ def int8_nodes(proto: onnx.ModelProto) -> list[str]:
     types = {init.name: init.data_type for init in graph.initializer}
     for value in list(graph.input) + list(graph.value_info):
         types[value.name] = value.type.tensor_type.elem_type
-    found = []
-    for i, node in enumerate(graph.node):
+
+    def dequantized_activation(name: str) -> bool:
+        dq = producers.get(name)
+        return (dq is not None and dq.op_type == "DequantizeLinear"
+                and not _is_constant(dq.input[0], initializers, producers))
+
+    def only_quantized(out: str, int8: set[int]) -> bool:
+        users = consumers.get(out, [])
+        return out not in graph_outputs and bool(users) and all(
+            u.op_type == "QuantizeLinear" or id(u) in int8 for u in users)
+
+    found: set[int] = set()
+    for node in graph.node:
         if node.domain not in _DEFAULT_DOMAINS:
             continue
         if node.op_type not in INT8_KERNELS and node.op_type not in INT8_PASS_THROUGH:
@@ -190,23 +210,37 @@ def int8_nodes(proto: onnx.ModelProto) -> list[str]:
             continue
         if all(_is_constant(p.input[0], initializers, producers) for p in dequantized):
             continue  # only weights are dequantized: the activation is float
-        if node.op_type not in FLOAT_OUTPUT_OK or node.op_type in INT8_PASS_THROUGH:
-            out = node.output[0]
-            users = consumers.get(out, [])
-            if out in graph_outputs or not users or any(u.op_type != "QuantizeLinear" for u in users):
-                continue
-        found.append(node.name or f"{node.op_type}:{i}")
-    return found
+        if node.op_type in FLOAT_OUTPUT_OK or only_quantized(node.output[0], set()):
+            found.add(id(node))
+
+    def propagates(node: onnx.NodeProto) -> bool:
+        return (node.domain in _DEFAULT_DOMAINS and node.op_type in QDQ_PROPAGATES
+                and id(node) not in found)
+
+    for node in graph.node:  # DequantizeLinear moved down
+        source = node.input[0] if node.input else ""
+        upstream = producers.get(source)
+        if propagates(node) and len(consumers.get(source, [])) == 1 and (
+                dequantized_activation(source) or (upstream is not None and id(upstream) in found
+                                                   and upstream.op_type in QDQ_PROPAGATES)):
+            found.add(id(node))
+    for node in reversed(graph.node):  # QuantizeLinear moved up
+        if propagates(node) and only_quantized(node.output[0], found):
+            found.add(id(node))
+    return [node.name or f"{node.op_type}:{i}" for i, node in enumerate(graph.node)
+            if id(node) in found]
 
 
 @dataclass
 class _Island:
-    """A node of the QDQ model with the Q/DQ nodes onnxruntime fuses with it into one kernel."""
+    """A node of the QDQ model with the Q/DQ nodes around it: for an int8 node, what
+    onnxruntime fuses into one kernel; for an fp32 node, the dequantized inputs it reads."""
 
     node: onnx.NodeProto
-    dequantize: list[onnx.NodeProto]  # DequantizeLinear of every float input
+    dequantize: list[onnx.NodeProto]  # DequantizeLinear of its dequantized inputs
     quantize: list[tuple[onnx.NodeProto, str]]  # QuantizeLinear of an input activation, and
     #                                           the fp32 model's tensor it quantizes
+    float_inputs: dict[str, str]  # inputs read as they are: name -> the fp32 model's tensor
     output_quantize: onnx.NodeProto | None  # QuantizeLinear of the output (None: float out)
     output_dequantize: onnx.NodeProto | None
     reference: str  # the fp32 model's tensor that the island's output stands for
@@ -217,17 +251,22 @@ class _Island:
         return self.output_quantize.output[0] if self.output_quantize else self.node.output[0]
 
 
-def _island(qdq: onnx.ModelProto, index, node: onnx.NodeProto, fp32_tensors: set[str]
-            ) -> _Island | None:
+def _island(qdq: onnx.ModelProto, index, node: onnx.NodeProto, fp32_tensors: set[str],
+            with_output: bool = True) -> _Island | None:
+    """The island of ``node``, or None where a tensor cannot be traced to the fp32 model.
+    ``with_output``: take in the QuantizeLinear of its output (an int8 node's own)."""
     producers, consumers = index
     initializers = {init.name for init in qdq.graph.initializer}
-    dequantize, quantize = [], []
+    dequantize, quantize, float_inputs = [], [], {}
     for name in (n for n in node.input if n):
         dq = producers.get(name)
         if dq is None or dq.op_type != "DequantizeLinear":
-            if not _is_constant(name, initializers, producers):
-                return None  # a computed input (a shape, say) the copies could not reach
-            continue  # a constant shape or index input
+            source = name if _is_constant(name, initializers, producers) else _fp32_name(
+                name, index, fp32_tensors)
+            if source is None:
+                return None
+            float_inputs[name] = source
+            continue
         dequantize.append(dq)
         if _is_constant(dq.input[0], initializers, producers):
             continue
@@ -239,7 +278,7 @@ def _island(qdq: onnx.ModelProto, index, node: onnx.NodeProto, fp32_tensors: set
             return None
         quantize.append((q, source))
     out = node.output[0]
-    users = consumers.get(out, [])
+    users = consumers.get(out, []) if with_output else []
     output_q = users[0] if len(users) == 1 and users[0].op_type == "QuantizeLinear" else None
     output_dq = None
     if output_q is not None:
@@ -248,7 +287,7 @@ def _island(qdq: onnx.ModelProto, index, node: onnx.NodeProto, fp32_tensors: set
     reference = _fp32_name(out, index, fp32_tensors)
     if reference is None:
         return None
-    return _Island(node, dequantize, quantize, output_q, output_dq, reference)
+    return _Island(node, dequantize, quantize, float_inputs, output_q, output_dq, reference)
 
 
 def _fp32_name(name: str, index, fp32_tensors: set[str]) -> str | None:
@@ -294,7 +333,7 @@ def _probe_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, islands: list[_Isl
                  ) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]:
     """The fp32 model plus, for each island, a copy of it fed with the fp32 model's own
     tensors: (model, [(node name, fp32 output, island output)]). Comparing the two outputs
-    gives each node's int8 error with its inputs exact (errors from nodes upstream excluded)."""
+    gives each node's error with its inputs exact (errors from nodes upstream excluded)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(fp32)
     del probe.opset_import[:]
@@ -302,12 +341,16 @@ def _probe_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, islands: list[_Isl
     for domain in fp32.opset_import:
         if all(domain.domain != o.domain for o in qdq.opset_import):
             probe.opset_import.append(domain)
+    fp32_initializers = {init.name for init in fp32.graph.initializer}
     pairs = []
     for i, island in enumerate(islands):
         prefix = f"__int8_probe{i}__/"
+        mapping = {name: source for name, source in island.float_inputs.items()
+                   if source != name or name in fp32_initializers or not any(
+                       name == init.name for init in qdq.graph.initializer)}
 
-        def rename(name, prefix=prefix):
-            return prefix + name
+        def rename(name, prefix=prefix, mapping=mapping):
+            return mapping.get(name, prefix + name)
 
         nodes: list[onnx.NodeProto] = []
         constants: list[str] = []
@@ -320,7 +363,7 @@ def _probe_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, islands: list[_Isl
             nodes.append(_renamed(dq, rename))
             constants += [n for n in dq.input if n]
         nodes.append(_renamed(island.node, rename))
-        constants += [n for n in island.node.input if n]
+        constants += [n for n in island.node.input if n and n not in mapping]
         output = rename(island.node.output[0])
         for extra in (island.output_quantize, island.output_dequantize):
             if extra is not None:
@@ -346,6 +389,45 @@ def _initializer_arrays(source: onnx.ModelProto, nodes: list[onnx.NodeProto]
             if init.name in used}
 
 
+def _observe(proto: onnx.ModelProto, feed: Mapping[str, np.ndarray]
+             ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every tensor of ``proto`` when run on ``feed`` (what shape inference
+    cannot tell past a custom op, measured instead)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    present = {o.name for o in probe.graph.output}
+    names = [o.name for o in probe.graph.output]
+    for node in probe.graph.node:
+        for out in node.output:
+            if out and out not in present:
+                probe.graph.output.append(helper.make_empty_tensor_value_info(out))
+                present.add(out)
+                names.append(out)
+    values = runtime.session(probe).run(names, dict(feed))
+    observed = {name: (tuple(v.shape), v.dtype) for name, v in zip(names, values, strict=True)}
+    observed.update({name: (tuple(v.shape), v.dtype) for name, v in feed.items()})
+    return observed
+
+
+def _with_types(proto: onnx.ModelProto, observed) -> onnx.ModelProto:
+    """``proto`` with a value_info (element type) for every tensor that has none, so that
+    onnxruntime's calibrator, which picks the float tensors by their value_info, sees them."""
+    typed = {v.name for v in list(proto.graph.value_info) + list(proto.graph.input)
+             + list(proto.graph.output)}
+    typed |= {init.name for init in proto.graph.initializer}
+    for name, (_, dtype) in observed.items():
+        if name not in typed:
+            proto.graph.value_info.append(helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(dtype), None))
+    return proto
+
+
+def _rows(feed: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """The feed with ``batch`` rows (repeated or cut)."""
+    return {name: np.resize(array, (batch, *array.shape[1:])).astype(array.dtype, copy=False)
+            for name, array in feed.items()}
+
+
 def _zero_point_type(qdq: onnx.ModelProto, q: onnx.NodeProto) -> np.dtype:
     """The integer type a QuantizeLinear writes (its zero point's; uint8 without one)."""
     for init in qdq.graph.initializer:
@@ -360,6 +442,8 @@ def _candidates(fp32: onnx.ModelProto, qdq: onnx.ModelProto, island: _Island,
     """(fp32 form, int8 form) of one island as standalone models at the shapes given, or why
     they cannot be built. The fp32 form is the node and the activation folded into its int8
     output; the int8 form takes and gives int8 tensors, as inside a run of int8 nodes."""
+    from compressor.latency import candidate_model
+
     reference_shape = shapes.get(island.reference)
     if reference_shape is None:
         return f"output shape of {island.node.name} unknown"
@@ -580,7 +664,9 @@ class QuantizeInt8Pass(Pass):
         with tempfile.TemporaryDirectory(prefix="compressor-int8-") as tmp, _quantizer_log(notes):
             work = Path(tmp)
             fp32_path = work / "fp32.onnx"
-            onnx.save(fp32, str(fp32_path))
+            first = next(calibration_feeds(self.calibration, input_names))
+            onnx.save(_with_types(onnx.ModelProto.FromString(fp32.SerializeToString()),
+                                  _observe(fp32, first)), str(fp32_path))
             cache = work / "ranges.json"
             method = self._calibrate(fp32, fp32_path, cache, work, input_names)
 
@@ -601,20 +687,41 @@ class QuantizeInt8Pass(Pass):
             def fp32_names() -> list[str]:
                 return [d.name for d in decisions.values() if not d.int8]
 
+            def settle() -> onnx.ModelProto:
+                """Quantize with the current decisions until no fp32 node reading int8
+                values errs more than allowed (each round gives back int8 nodes)."""
+                while True:
+                    qdq = quantize(fp32_names())
+                    self._unsupported(qdq, decisions)
+                    if not self._check_fp32_readers(fp32, qdq, decisions, fp32_tensors,
+                                                    input_names, notes):
+                        return qdq
+
             qdq = quantize(fp32_names())
             self._unsupported(qdq, decisions)
-            self._measure_errors(fp32, qdq, decisions, fp32_tensors, input_names)
-            for d in decisions.values():
-                if d.int8 and d.error is not None and d.error > config.max_error:
-                    d.int8, d.reason = False, f"int8 error {d.error:.3g} > max_error {config.max_error:g}"
+            errors = self._measure_errors(fp32, qdq, self._int8_islands(qdq, decisions,
+                                                                         fp32_tensors),
+                                          input_names)
+            for name, error in errors.items():
+                d = decisions[name]
+                d.error = error
+                if error > config.max_error:
+                    d.int8, d.reason = False, f"int8 error {error:.3g} > max_error {config.max_error:g}"
+            final = within_error = settle()
             if self.latency is not None:
-                within_error = quantize(fp32_names())
-                self._measure_times(fp32, within_error, decisions, fp32_tensors)
-            final = quantize(fp32_names())
-            self._unsupported(final, decisions)
-            if self.latency is not None:
-                final = self._whole_model_check(fp32, final, within_error, decisions, notes,
-                                                input_names)
+                snapshot = copy.deepcopy(decisions)
+                self._measure_times(fp32, within_error, decisions, fp32_tensors, input_names)
+                if any(d.slower_alone for d in decisions.values()):
+                    final = settle()
+                winner = self._whole_model_check(fp32, final, within_error, decisions, notes,
+                                                 input_names)
+                if winner == "all":
+                    for name, d in snapshot.items():
+                        timed = decisions[name]
+                        d.fp32_ms, d.int8_ms = timed.fp32_ms, timed.int8_ms
+                        d.slower_alone, d.extra = timed.slower_alone, timed.extra
+                    decisions = snapshot
+                final = {"fp32": fp32, "chosen": final, "all": within_error}[winner]
 
         int8 = set(int8_nodes(final)) if any(d.int8 for d in decisions.values()) else set()
         return self._result(model, fp32, final, int8, decisions, notes)
@@ -661,7 +768,8 @@ class QuantizeInt8Pass(Pass):
                 d.reason = ("not supported: onnxruntime's quantizer left it in float "
                             "(e.g. a weight that is not a constant, or inputs without a range)")
 
-    def _measure_errors(self, fp32, qdq, decisions, fp32_tensors, input_names) -> None:
+    @staticmethod
+    def _int8_islands(qdq, decisions, fp32_tensors) -> list[_Island]:
         index = _index(qdq.graph)
         by_name = {n.name: n for n in qdq.graph.node}
         islands = []
@@ -672,8 +780,13 @@ class QuantizeInt8Pass(Pass):
                     d.extra.append("error not measured (its quantized inputs are not traced)")
                 else:
                     islands.append(island)
+        return islands
+
+    def _measure_errors(self, fp32, qdq, islands, input_names) -> dict[str, float]:
+        """||y_island - y|| / ||y|| of each island's output on the calibration data, the
+        island fed with the fp32 model's tensors."""
         if not islands:
-            return
+            return {}
         probe, pairs = _probe_model(fp32, qdq, islands)
         session = runtime.session(probe)
         names = list(dict.fromkeys(n for _, ref, out in pairs for n in (ref, out)))
@@ -685,23 +798,84 @@ class QuantizeInt8Pass(Pass):
                 y = values[ref].astype(np.float64)
                 diff[node] += float(np.sum((values[out] - y) ** 2))
                 energy[node] += float(np.sum(y**2))
-        for node, _, _ in pairs:
-            decisions[node].error = (float(np.sqrt(diff[node] / energy[node])) if energy[node] > 0
-                                     else (0.0 if diff[node] == 0 else float("inf")))
+        return {node: (float(np.sqrt(diff[node] / energy[node])) if energy[node] > 0
+                       else (0.0 if diff[node] == 0 else float("inf"))) for node, _, _ in pairs}
+
+    def _check_fp32_readers(self, fp32, qdq, decisions, fp32_tensors, input_names, notes
+                            ) -> bool:
+        """An fp32 node next to int8 ones reads their dequantized values: its error on them
+        must be within ``max_error`` too, else the int8 nodes that quantize what it reads go
+        back to fp32 (an outlier that sets a tensor's range hurts the tensor's every reader).
+        Returns whether a decision changed."""
+        index = _index(qdq.graph)
+        producers, consumers = index
+        int8 = set(int8_nodes(qdq))
+        initializers = {init.name for init in qdq.graph.initializer}
+        readers = []
+        for node in qdq.graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.name in int8:
+                continue
+            reads = [producers.get(n) for n in node.input if n]
+            if any(p is not None and p.op_type == "DequantizeLinear"
+                   and not _is_constant(p.input[0], initializers, producers) for p in reads):
+                island = _island(qdq, index, node, fp32_tensors, with_output=False)
+                if island is not None:
+                    readers.append(island)
+        errors = self._measure_errors(fp32, qdq, readers, input_names)
+        bound = self.config.max_error
+        changed = False
+        for island in readers:
+            name, error = island.node.name, errors[island.node.name]
+            if error <= bound:
+                continue
+            blamed = False
+            for q, _ in island.quantize:
+                for culprit, role in self._quantizers_of(q, index, decisions, int8):
+                    d = decisions[culprit]
+                    d.int8, blamed, changed = False, True, True
+                    d.reason = (f"its quantized {role} costs {name} (fp32) error {error:.3g} > "
+                                f"max_error {bound:g}")
+            if not blamed:
+                note = f"{name} (fp32) reads int8 values with error {error:.3g} > max_error {bound:g}"
+                if note not in notes:
+                    notes.append(note)
+        return changed
+
+    @staticmethod
+    def _quantizers_of(q: onnx.NodeProto, index, decisions, int8) -> list[tuple[str, str]]:
+        """The int8 nodes whose being int8 puts QuantizeLinear ``q`` in the model: the node
+        whose output it quantizes (through ops that only move int8 values) and the int8 nodes
+        that read its values. (name, 'output' or 'input')."""
+        producers, consumers = index
+        found = []
+        node = producers.get(q.input[0])
+        while node is not None:
+            if node.name in decisions:
+                if decisions[node.name].int8:
+                    found.append((node.name, "output"))
+                break
+            if node.name not in int8:  # an fp32 node: the Q is there for the readers
+                break
+            dq = producers.get(node.input[0])  # an int8 pass-through op: look through it
+            if dq is None or dq.op_type != "DequantizeLinear":
+                break
+            before = producers.get(dq.input[0])
+            if before is None or before.op_type != "QuantizeLinear":
+                break
+            node = producers.get(before.input[0])
+        for dq in consumers.get(q.output[0], []):
+            for user in consumers.get(dq.output[0], []):
+                if user.name in decisions and decisions[user.name].int8:
+                    found.append((user.name, "input"))
+        return found
 
     def _batch(self) -> int:
         return int(self.latency.context.batch)
 
-    def _measure_times(self, fp32, qdq, decisions, fp32_tensors) -> None:
+    def _measure_times(self, fp32, qdq, decisions, fp32_tensors, input_names) -> None:
         batch = self._batch()
-        try:
-            shapes, _ = static_shapes(fp32, batch=batch)
-        except Exception as e:  # noqa: BLE001 - shape inference fails in many ways
-            shapes = {}
-            for d in decisions.values():
-                if d.int8:
-                    d.extra.append(f"not timed (shape inference failed: {e})")
-            return
+        feed = _rows(next(calibration_feeds(self.calibration, input_names)), batch)
+        shapes = {name: shape for name, (shape, _) in _observe(fp32, feed).items()}
         index = _index(qdq.graph)
         by_name = {n.name: n for n in qdq.graph.node}
         for d in decisions.values():
@@ -726,10 +900,11 @@ class QuantizeInt8Pass(Pass):
                 d.reason = f"int8 measured slower: {d.timing()} at batch {batch}"
 
     def _whole_model_check(self, fp32, chosen, within_error, decisions, notes, input_names
-                           ) -> onnx.ModelProto:
+                           ) -> str:
         """The fp32 model, the node-by-node choice and every node within the error bound in
-        int8, timed side by side on calibration inputs; the fastest is kept. The Q/DQ at the
-        borders between int8 and fp32 runs cost time that no node's candidate shows."""
+        int8, timed side by side on calibration inputs: the name of the fastest ('fp32',
+        'chosen', 'all'). The Q/DQ at the borders between int8 and fp32 runs cost time that
+        no node's candidate shows."""
         batch = self._batch()
         chosen_int8 = set(int8_nodes(chosen))
         models = {"fp32": fp32}
@@ -738,7 +913,7 @@ class QuantizeInt8Pass(Pass):
         if set(int8_nodes(within_error)) - chosen_int8:
             models["all"] = within_error
         if len(models) == 1:
-            return fp32
+            return "fp32"
         feeds = next(calibration_feeds(self.calibration, input_names))
         times = {name: float(ms) for name, ms in self.latency.compare(models, feeds).items()}
         best = min(times, key=times.get)
@@ -755,16 +930,13 @@ class QuantizeInt8Pass(Pass):
                 if d.int8 or d.slower_alone:
                     d.int8, d.reason = False, reason + (f" (alone: {d.timing()})"
                                                         if d.timing() else "")
-            return fp32
-        if best == "all":
+        elif best == "all":
             for d in decisions.values():
                 if d.slower_alone:
-                    d.int8, d.reason = True, None
                     d.extra.append(f"slower alone ({d.timing()}) but the whole model is faster "
                                    f"with it int8: {times['all']:.3g} ms vs "
                                    f"{times.get('chosen', times['fp32']):.3g} ms")
-            return within_error
-        return chosen
+        return best
 
     def _result(self, model, fp32, final, int8, decisions, notes) -> PassResult:
         try:
