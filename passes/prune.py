@@ -45,6 +45,7 @@ from compressor.passes.dependency import (
     ComputeLayer,
     DependencyGraph,
     analyze,
+    layout_matrix,
     shrink,
 )
 from compressor.passes.graph import ConvAttributes, NameScope, constant_array, conv_attributes
@@ -763,9 +764,8 @@ def fit_to_original(model: ir.Model, original: onnx.ModelProto, graph: Dependenc
             ref = _read_linear(ref_node) if ref_node is not None else None
             if linear is not None and ref is not None:
                 produce = np.eye(len(ref.weight))
-                if changed_out:
-                    (seg,) = layer.out_layout
-                    produce = transforms[seg.group].produce
+                if changed_out:  # several groups side by side, or whole heads (blocks)
+                    produce = layout_matrix(graph, layer.out_layout, transforms)
                 ref_bias = ref.bias if ref.bias is not None else np.zeros(len(ref.weight))
                 targets.append(_Target(layer, linear, ref, produce @ ref.weight,
                                        produce @ ref_bias, produce, _residual_partner(layer)))
@@ -851,7 +851,8 @@ def finish(model: ir.Model, original: onnx.ModelProto, graph: DependencyGraph,
         changed_out = [g for g in out_seg if g in transforms]
         changed_in = [g for g in in_seg if g in transforms]
         shape_before, params_before = before[layer.name]
-        weight = layer.node.inputs[1].const_value
+        weight = layer.node.inputs[1]  # an activation for a batched MatMul (attention)
+        weight = weight.const_value if weight.const_value is not None else weight
         record = LayerRecord(
             name=layer.name, op=layer.node.op_type, shape_before=shape_before,
             shape_after=tuple(weight.shape), macs_before=layer.macs,
