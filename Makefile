@@ -8,7 +8,7 @@ STAMP := $(VENV)/.compressor-installed
 BUILD_INPUTS := pyproject.toml compressor/runtime.py $(shell find runtime_ext -type f 2>/dev/null)
 # The CPU build of torch that this machine serves locally; an unpinned torch pulls GBs of CUDA.
 TORCH_PIN ?= torch==2.13.0
-EXTRAS ?= cpu,test
+EXTRAS ?= cpu,test,sweep
 
 DEMO_MODEL ?= models/checkpoints/vgg.pt
 DEMO_ARCH ?= vgg
@@ -16,7 +16,7 @@ DEMO_CALIB ?= models/data/fashion_mnist_calib.npz
 DEMO_DATA ?= models/data/fashion_mnist_eval.npz
 DEMO_OUT ?= build/demo
 
-.PHONY: setup demo test test-cuda lint bench clean
+.PHONY: setup demo test test-cuda lint bench clean browser
 
 setup: $(STAMP)
 
@@ -37,9 +37,20 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no test: say so and fail, since a suite that runs nothing
 # proves nothing.
-test: $(STAMP)
+test: $(STAMP) browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): failing"; exit 1; fi; exit $$rc
+
+# The sweep report's test opens report.html in Debian's headless chromium (through
+# chromium-driver): installed here when missing, so CI (root) runs it too. Without apt the
+# test skips and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
+	else echo "no apt-get: chromium not installed, the sweep report's browser test will skip"; fi
 
 # CUDA kernels against the CPU ones on a GPU machine, in a separate venv (never both
 # onnxruntime and onnxruntime-gpu in one): make test-cuda VENV=.venv-gpu EXTRAS=gpu,test
@@ -61,6 +72,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/bench_structural.py
 	$(PY) bench/bench_diffconv.py
 	$(PY) bench/bench_lsh_conv.py
+	$(PY) bench/bench_sweep.py
 	$(PY) bench/bench_latency.py
 
 clean:

@@ -162,9 +162,8 @@ def parse_values(name: str, text: str | Sequence[Value]) -> tuple[Value, ...]:
             try:
                 values.append(base(item))
             except ValueError:
-                raise OptionError(
-                    f"--{_flag(name)}: '{item}' is not a {base.__name__}"
-                ) from None
+                kind = "an integer" if base is int else "a number"
+                raise OptionError(f"--{_flag(name)}: '{item}' is not {kind}") from None
     if len(set(map(repr, values))) != len(values):
         raise OptionError(f"--{_flag(name)} '{text}' lists a value twice")
     return tuple(values)
@@ -494,7 +493,8 @@ def _command_flag(name: str, value: Value) -> list[str]:
 @dataclass(frozen=True)
 class FileInput:
     """A file a trial reads: its path here, and its bytes when the trial may run elsewhere
-    (a Ray worker on another machine writes them to a temporary file of the same name)."""
+    (a Ray worker on another machine writes them to a temporary file of the same name, which
+    the compressed model's recipe then names as its data)."""
 
     path: str
     content: bytes | None = None
@@ -1048,6 +1048,8 @@ def run_sweep(
     two phases (tests replace them).
     """
     observer = observer or SweepObserver()
+    if executor is None and (workers > 1 or ray_address):
+        _import_ray()  # a missing Ray is said before anything is written
     folder = SweepFolder(spec.output)
     trials = spec.trials()
     folder.path.mkdir(parents=True, exist_ok=True)
@@ -1069,80 +1071,19 @@ def run_sweep(
     observer.planned(len(trials), len(records) - len(to_time), len(to_compress), len(to_time))
 
     sweep_started = time.perf_counter()
-    owned = executor is None
-    if executor is None:
-        executor = make_executor(workers, ray_address)
-    try:
-        original: dict[str, Any] | None = None
-        if to_compress or to_time:
-            inputs, original = _prepare(spec, folder, ship=not isinstance(
-                executor, InProcessExecutor))
-            inputs_handle = executor.put(inputs)
-            reference_handle = executor.put(inputs.reference)
-            timing_handle = executor.put(inputs.timing_inputs)
-
-            # compression phase: as many at once as the executor has slots
-            queue = list(to_compress)
-            running: dict[Any, _Task] = {}
-            while queue or running:
-                while queue and len(running) < executor.slots:
-                    trial = queue.pop(0)
-                    handle = executor.submit(compress_fn, (spec, trial, inputs_handle))
-                    running[_hashable(handle)] = _Task(
-                        trial, "compress", handle, time.perf_counter()
-                    )
-                    observer.started(trial, "compress")
-                handle, value, error = executor.wait([t.handle for t in running.values()])
-                task = running.pop(_hashable(handle))
-                seconds = time.perf_counter() - task.started
-                if error is None:
-                    record, content = value
-                    record = {**task.trial.as_dict(), **record}
-                    model_path = folder.save_model(task.trial.key, content)
-                    record["model"] = str(model_path)
-                    record["command"] = spec.command(task.trial, model_path)
-                    record["evaluate_command"] = spec.evaluate_command(model_path)
-                    to_time.append(task.trial)
-                else:
-                    record = _error_record(task.trial, "compress", error, None)
-                    record["command"] = spec.command(
-                        task.trial, folder.model_path(task.trial.key)
-                    )
-                record["trial_seconds"] = seconds
-                folder.save(record)
-                records[task.trial.key] = record
-                observer.finished(task.trial, "compress", record, seconds)
-
-            # timing phase: one trial at a time, nothing else of this sweep running
-            order = {t.key: i for i, t in enumerate(trials)}
-            for trial in sorted(to_time, key=lambda t: order[t.key]):
-                base = records[trial.key]
-                content = folder.model_path(trial.key).read_bytes()
-                args = (
-                    content,
-                    reference_handle,
-                    timing_handle,
-                    spec.batch_sizes,
-                    spec.provider,
-                    spec.threads,
-                    spec.latency_min_time_s,
-                )
-                observer.started(trial, "time")
-                started = time.perf_counter()
-                handle = executor.submit(time_fn, args, timing=True)
-                _, value, error = executor.wait([handle])
-                seconds = time.perf_counter() - started
-                if error is None:
-                    record = {**base, **value, "status": "done"}
-                else:
-                    record = _error_record(trial, "time", error, base)
-                folder.save(record)
-                records[trial.key] = record
-                observer.finished(trial, "time", record, seconds)
-        run_info = executor.describe()
-    finally:
-        if owned:
-            executor.close()
+    original: dict[str, Any] | None = None
+    run_info: dict[str, Any] = {"executor": "none: every trial was already in the folder"}
+    if to_compress or to_time:
+        owned = executor is None
+        if executor is None:
+            executor = make_executor(workers, ray_address)
+        try:
+            original = _run_phases(spec, folder, trials, records, to_compress, to_time,
+                                   executor, observer, compress_fn, time_fn)
+            run_info = executor.describe()
+        finally:
+            if owned:
+                executor.close()
 
     results = _results(spec, trials, records, original, run_info,
                        time.perf_counter() - sweep_started, folder)
@@ -1152,6 +1093,78 @@ def run_sweep(
 
         write_report(results, folder.path)
     return results
+
+
+def _run_phases(spec, folder, trials, records, to_compress, to_time, executor, observer,
+                compress_fn, time_fn) -> dict[str, Any]:
+    """Both phases of the trials still to do; updates ``records``; returns the original's
+    summary."""
+    # Files travel in Ray's object store only to a cluster: a local Ray reads them where they
+    # are, so the models' recipes name the same files as the commands that reproduce them.
+    inputs, original = _prepare(spec, folder, ship=bool(getattr(executor, "address", None)))
+    inputs_handle = executor.put(inputs)
+    reference_handle = executor.put(inputs.reference)
+    timing_handle = executor.put(inputs.timing_inputs)
+
+    # compression phase: as many at once as the executor has slots
+    queue = list(to_compress)
+    running: dict[Any, _Task] = {}
+    while queue or running:
+        while queue and len(running) < executor.slots:
+            trial = queue.pop(0)
+            handle = executor.submit(compress_fn, (spec, trial, inputs_handle))
+            running[_hashable(handle)] = _Task(
+                trial, "compress", handle, time.perf_counter()
+            )
+            observer.started(trial, "compress")
+        handle, value, error = executor.wait([t.handle for t in running.values()])
+        task = running.pop(_hashable(handle))
+        seconds = time.perf_counter() - task.started
+        if error is None:
+            record, content = value
+            record = {**task.trial.as_dict(), **record}
+            model_path = folder.save_model(task.trial.key, content)
+            record["model"] = str(model_path)
+            record["command"] = spec.command(task.trial, model_path)
+            record["evaluate_command"] = spec.evaluate_command(model_path)
+            to_time.append(task.trial)
+        else:
+            record = _error_record(task.trial, "compress", error, None)
+            record["command"] = spec.command(
+                task.trial, folder.model_path(task.trial.key)
+            )
+        record["trial_seconds"] = seconds
+        folder.save(record)
+        records[task.trial.key] = record
+        observer.finished(task.trial, "compress", record, seconds)
+
+    # timing phase: one trial at a time, nothing else of this sweep running
+    order = {t.key: i for i, t in enumerate(trials)}
+    for trial in sorted(to_time, key=lambda t: order[t.key]):
+        base = records[trial.key]
+        content = folder.model_path(trial.key).read_bytes()
+        args = (
+            content,
+            reference_handle,
+            timing_handle,
+            spec.batch_sizes,
+            spec.provider,
+            spec.threads,
+            spec.latency_min_time_s,
+        )
+        observer.started(trial, "time")
+        started = time.perf_counter()
+        handle = executor.submit(time_fn, args, timing=True)
+        _, value, error = executor.wait([handle])
+        seconds = time.perf_counter() - started
+        if error is None:
+            record = {**base, **value, "status": "done"}
+        else:
+            record = _error_record(trial, "time", error, base)
+        folder.save(record)
+        records[trial.key] = record
+        observer.finished(trial, "time", record, seconds)
+    return original
 
 
 def _hashable(handle: Any) -> Any:
