@@ -12,26 +12,33 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from compressor.passes.base import Pass
-    from compressor.passes.calibrate import Calibration
-    from compressor.pipeline import CompressOptions
 
 
 @dataclass(frozen=True)
 class Method:
+    """``build(opts, calibration, latency=..., exclude=...)`` makes the method's passes.
+
+    ``chooses_by_latency``: the passes take ``opts.speedup`` and a latency table and choose
+    per layer by measured time; other methods meet ``opts.ratio`` (MACs) only. ``exclude``
+    names layers to leave as they are (the recipe rolls layers back through it).
+    """
+
     name: str
     summary: str
-    build: Callable[[CompressOptions, Calibration | None], list[Pass]]
+    build: Callable[..., list[Pass]]
+    chooses_by_latency: bool = False
 
 
-def _svd(opts, calibration):
+def _svd(opts, calibration, latency=None, exclude=frozenset()):
     from compressor.passes.svd import LowRankSVDPass, SVDConfig
 
     cfg = SVDConfig(ratio=opts.ratio, rank=opts.rank, energy=opts.energy, schemes=opts.schemes,
-                    rank_multiple=opts.rank_multiple, seed=opts.seed)
-    return [LowRankSVDPass(cfg, calibration)]
+                    rank_multiple=opts.rank_multiple, seed=opts.seed, speedup=opts.speedup,
+                    exclude=frozenset(exclude))
+    return [LowRankSVDPass(cfg, calibration, latency=latency)]
 
 
-def _sketch(opts, calibration):
+def _sketch(opts, calibration, latency=None, exclude=frozenset()):
     from compressor.passes.sketch import SketchConfig, TensorSketchPass
 
     cfg = SketchConfig(ratio=opts.ratio, sketches=opts.sketches, rows=opts.sketch_rows,
@@ -39,7 +46,7 @@ def _sketch(opts, calibration):
     return [TensorSketchPass(cfg, calibration)]
 
 
-def _diffconv(opts, calibration):
+def _diffconv(opts, calibration, latency=None, exclude=frozenset()):
     from compressor.passes.diffconv import DiffConvConfig, ReplaceConvWithDiffConvPass
 
     # --threshold wins; otherwise, with data, the threshold is chosen to meet --ratio.
@@ -48,7 +55,7 @@ def _diffconv(opts, calibration):
     return [ReplaceConvWithDiffConvPass(cfg, calibration)]
 
 
-def _prune(opts, calibration):
+def _prune(opts, calibration, latency=None, exclude=frozenset()):
     from compressor.errors import OptionError
     from compressor.passes.prune import PruneChannelsPass, PruneConfig
 
@@ -59,11 +66,11 @@ def _prune(opts, calibration):
                       channel_multiple=opts.channel_multiple, refit=opts.refit,
                       lsh_bits=6 if opts.lsh_bits is None else opts.lsh_bits,
                       lsh_tables=4 if opts.lsh_tables is None else opts.lsh_tables,
-                      seed=opts.seed)
-    return [PruneChannelsPass(cfg, calibration)]
+                      seed=opts.seed, speedup=opts.speedup, exclude=frozenset(exclude))
+    return [PruneChannelsPass(cfg, calibration, latency=latency)]
 
 
-def _lsh(opts, calibration):
+def _lsh(opts, calibration, latency=None, exclude=frozenset()):
     from compressor.passes.lsh_merge import LSHConfig, MergeChannelsPass
 
     cfg = LSHConfig(ratio=opts.ratio, bits=opts.lsh_bits, tables=opts.lsh_tables,
@@ -72,7 +79,7 @@ def _lsh(opts, calibration):
     return [MergeChannelsPass(cfg, calibration)]
 
 
-def _lsh_conv(opts, calibration):
+def _lsh_conv(opts, calibration, latency=None, exclude=frozenset()):
     from compressor.passes.lsh_conv import LSHConvConfig, LSHConvPass
 
     cfg = LSHConvConfig(ratio=opts.ratio, bits=opts.lsh_bits, tables=opts.lsh_tables,
@@ -80,7 +87,7 @@ def _lsh_conv(opts, calibration):
     return [LSHConvPass(cfg, calibration)]
 
 
-def _lsh_window(opts, calibration):
+def _lsh_window(opts, calibration, latency=None, exclude=frozenset()):
     from compressor.passes.lsh_window import LSHWindowConfig, LSHWindowConvPass
 
     cfg = LSHWindowConfig(ratio=opts.ratio, bits=opts.lsh_bits, seed=opts.seed)
@@ -88,11 +95,12 @@ def _lsh_window(opts, calibration):
 
 
 METHODS: dict[str, Method] = {
-    "svd": Method("svd", "low-rank factorisation (channel or spatial SVD, data-aware)", _svd),
+    "svd": Method("svd", "low-rank factorisation (channel or spatial SVD, data-aware)", _svd,
+                  chooses_by_latency=True),
     "sketch": Method("sketch", "tensor sketching with random sign matrices", _sketch),
     "prune": Method("prune", "structured channel pruning (l1, l2, activation, lsh or "
                     "reconstruction criterion)",
-                    _prune),
+                    _prune, chooses_by_latency=True),
     "lsh": Method("lsh", "merge similar neurons/filters found by LSH into weighted "
                   "representatives", _lsh),
     "diffconv": Method("diffconv", "differential convolution custom op (runtime_ext)", _diffconv),

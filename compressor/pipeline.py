@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +22,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 import compressor
 from compressor import io, runtime
@@ -28,11 +29,12 @@ from compressor.data import Dataset, Feeds, InputSpec, load_data, model_feeds, s
 from compressor.errors import OptionError, VerificationError
 from compressor.evaluate import cosine_similarities, is_class_logits, run_outputs
 from compressor.methods import METHODS
-from compressor.passes.base import PassManager, PassResult
+from compressor.passes.base import PassResult
 from compressor.passes.calibrate import Calibration
 from compressor.passes.cleanup import CleanupPass
 from compressor.profile import ModelProfile, profile_model
 from compressor.progress import ProgressReporter
+from compressor.recipe import QUANTIZE_CHOICES, Recipe, SpeedReport, parse_methods
 
 RECIPE_KEY = "compressor.recipe"
 MAX_IR_VERSION = 10  # onnxruntime >= 1.21 reads it; onnx >= 1.23 would write 14 by default
@@ -44,8 +46,9 @@ class CompressOptions:
 
     model: str | Path
     output: str | Path
-    method: str
-    ratio: float = 0.5
+    method: str  # one method, or a comma list run in order ("prune,svd")
+    # The fraction of MACs to keep; None: 0.5, or no MACs cap (1.0) when --speedup is given.
+    ratio: float | None = None
     data: str | None = None
     calib_samples: int = 512
     arch: str | None = None
@@ -76,10 +79,36 @@ class CompressOptions:
     lsh_bits: int | None = None
     lsh_tables: int | None = None
     asymmetric: bool = False
+    # latency as the objective: the model must run `speedup` times faster than the original,
+    # measured by onnxruntime with `provider`, `threads` and `batch`
+    speedup: float | None = None
+    batch: int = 1
+    threads: int | None = None
+    quantize: str | None = None  # "int8": a last stage with onnxruntime's quantization tools
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise OptionError(f"unknown --method '{self.method}': choose from {', '.join(METHODS)}")
+        methods = parse_methods(self.method)
+        if self.speedup is not None:
+            if (isinstance(self.speedup, bool) or not isinstance(self.speedup, (int, float))
+                    or not math.isfinite(self.speedup) or self.speedup <= 1):
+                raise OptionError(
+                    f"--speedup must be a number > 1 (times faster than the original), "
+                    f"got {self.speedup}")
+            if self.ratio is None and self.quantize is None and not any(
+                    METHODS[m].chooses_by_latency for m in methods):
+                raise OptionError(
+                    f"--speedup: {self.method} chooses by MACs only; give --ratio, or use a "
+                    "method that chooses by measured latency: "
+                    + ", ".join(m.name for m in METHODS.values() if m.chooses_by_latency))
+        if self.ratio is None:
+            object.__setattr__(self, "ratio", 0.5 if self.speedup is None else 1.0)
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise OptionError(f"unknown --quantize '{self.quantize}': choose from "
+                              + ", ".join(QUANTIZE_CHOICES))
+        if self.batch < 1:
+            raise OptionError(f"--batch must be >= 1, got {self.batch}")
+        if self.threads is not None and self.threads < 1:
+            raise OptionError(f"--threads must be >= 1, got {self.threads}")
         if not 0 < self.ratio <= 1:
             raise OptionError(
                 f"--ratio must be in (0, 1] (the fraction of MACs to keep), got {self.ratio}"
@@ -119,6 +148,11 @@ class CompressionResult:
     verification: Verification
     notes: list[str] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)
+    speed: SpeedReport | None = None  # measured against the original (--speedup, --quantize)
+    stages: list = field(default_factory=list)  # StageRecord of each method stage
+    # seconds per stage of the run: load, cleanup, each pass, the recipe's measuring, verify,
+    # save, total
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ratio_reached(self) -> float:
@@ -131,6 +165,33 @@ class CompressionResult:
 
 def _noop(label: str, done: int, total: int) -> None:
     pass
+
+
+class _Laps:
+    """Wall-clock seconds of the pipeline's stages, taken as laps of one clock."""
+
+    def __init__(self):
+        self.started = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def breakdown(self, results: list[PassResult]) -> dict[str, float]:
+        """The laps, with the recipe split into its passes (summed over recipe rounds) and
+        what is left of it (latency measurements, serialisation) as ``recipe other``."""
+        out = {k: v for k, v in self.laps.items() if k != "recipe"}
+        passes: dict[str, float] = {}
+        for r in results:
+            name = f"pass {r.stats.get('pass', 'unnamed')}"
+            passes[name] = passes.get(name, 0.0) + float(r.stats.get("seconds", 0.0))
+        recipe = self.laps.get("recipe", 0.0)
+        out.update(passes)
+        out["recipe other"] = max(0.0, recipe - sum(passes.values()))
+        out["total"] = time.perf_counter() - self.started
+        return out
 
 
 def _load_calibration_data(opts: CompressOptions) -> Dataset | None:
@@ -210,6 +271,7 @@ def _versions() -> dict[str, str]:
 def compress(opts: CompressOptions, progress: ProgressReporter | None = None) -> CompressionResult:
     """Compress ``opts.model`` with ``opts.method`` and write ``opts.output`` atomically."""
     report = progress or _noop
+    laps = _Laps()
     output = Path(opts.output)
     if output.suffix.lower() != ".onnx":
         raise OptionError(f"output '{output}' must end in .onnx")
@@ -225,6 +287,7 @@ def compress(opts: CompressOptions, progress: ProgressReporter | None = None) ->
     if Path(opts.model).resolve() == output.resolve():
         raise OptionError(f"output '{output}' is the input file; choose another -o")
     report("load model", 1, 1)
+    laps.lap("load")
 
     model = ir.serde.deserialize_model(loaded.proto)
     cleanup = CleanupPass()(model)
@@ -233,6 +296,7 @@ def compress(opts: CompressOptions, progress: ProgressReporter | None = None) ->
     original.ir_version = min(original.ir_version, MAX_IR_VERSION)
     before = profile_model(original)
     report("clean up", 1, 1)
+    laps.lap("cleanup")
 
     calibration = None
     notes = list(cleanup.notes)
@@ -243,14 +307,18 @@ def compress(opts: CompressOptions, progress: ProgressReporter | None = None) ->
     else:
         notes.append(f"no --data: {opts.method} runs in its data-free form")
 
-    passes = METHODS[opts.method].build(opts, calibration)
-    manager = PassManager(passes, on_start=lambda p, i, n: report(f"pass {p.name}", i, n))
-    model, results = manager(model)
-    # weights of replaced layers are now unused initializers: drop them
-    model = RemoveUnusedNodesPass()(model).model
-    report(f"pass {passes[-1].name}", len(passes), len(passes))
+    latency = None
+    if opts.speedup is not None or opts.quantize is not None:
+        from compressor.latency import LatencyContext, LatencyTable
+
+        latency = LatencyTable(LatencyContext(opts.provider, opts.threads, opts.batch))
+    recipe_run = Recipe(opts, calibration, latency, max_ir_version=MAX_IR_VERSION,
+                        progress=report).run(original)
+    model, results = recipe_run.model, recipe_run.results
     for r in results:
         notes.extend(r.notes)
+    notes.extend(recipe_run.notes)
+    laps.lap("recipe")
 
     compressed = ir.serde.serialize_model(model)
     compressed.ir_version = min(compressed.ir_version, MAX_IR_VERSION)
@@ -265,6 +333,7 @@ def compress(opts: CompressOptions, progress: ProgressReporter | None = None) ->
         label = "random"
     verification = verify(original, compressed, check_inputs, opts.provider, label)
     report("verify", 1, 1)
+    laps.lap("verify")
 
     recipe = {
         "method": opts.method,
@@ -277,7 +346,9 @@ def compress(opts: CompressOptions, progress: ProgressReporter | None = None) ->
         "ratio_requested": opts.ratio,
         "ratio_reached": after.macs / before.macs if before.macs else 1.0,
         "versions": _versions(),
-        "passes": [repr(p) for p in passes],
+        "passes": recipe_run.passes,
+        "stages": [asdict(stage) for stage in recipe_run.stages],
+        "speed": None if recipe_run.speed is None else recipe_run.speed.as_dict(),
         "layers": [
             {
                 "name": layer.name,
@@ -294,11 +365,13 @@ def compress(opts: CompressOptions, progress: ProgressReporter | None = None) ->
     _set_metadata(compressed, RECIPE_KEY, json.dumps(recipe, default=str))
     io.save_model(compressed, output, input_path=opts.model)
     report("save", 1, 1)
+    laps.lap("save")
     after = profile_model(compressed, file_bytes=output.stat().st_size)
     # the original as ONNX, so both sizes compare like with like (a .pt file is no measure)
     before = profile_model(original, file_bytes=len(original.SerializeToString()))
     return CompressionResult(
-        output, opts.method, opts.ratio, before, after, results, verification, notes, recipe
+        output, opts.method, opts.ratio, before, after, results, verification, notes, recipe,
+        speed=recipe_run.speed, stages=recipe_run.stages, timings=laps.breakdown(results),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -136,7 +137,10 @@ class PassManager:
         for i, p in enumerate(self.passes):
             if self.on_start is not None:
                 self.on_start(p, i, len(self.passes))
+            started = time.perf_counter()
             result = p(model)
+            result.stats.setdefault("seconds", time.perf_counter() - started)
+            result.stats.setdefault("pass", p.name)
             model = result.model
             results.append(result)
         return model, results
