@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from compressor import __version__
 from compressor.errors import CompressionError, OptionError
@@ -33,7 +34,11 @@ def _friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except CompressionError as e:
-            stderr.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            # escaped: messages hold brackets that are not markup ("compressor[sweep]")
+            stderr.print(
+                f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True,
+                soft_wrap=True,
+            )
             sys.exit(e.exit_code)
 
     return wrapper
@@ -419,6 +424,204 @@ def inspect_command(model, arch, input_shape, trust_pickle, list_zoo, as_json):
             f"method {recipe['method']}, MACs ratio {recipe['ratio_reached']:.3f}",
             highlight=False,
         )
+
+
+def _float_list(ctx, param, value):
+    if value is None:
+        return ()
+    try:
+        return tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"'{value}': give comma-separated numbers, e.g. 0.75,0.5") from None
+
+
+def _sweep_value_lists():
+    """One ``--NAME V1,V2`` option per method option a sweep can vary, with compress's help."""
+    from compressor.sweep import SWEEP_OPTIONS
+
+    compress_help = {p.name: p.help or "" for p in compress_command.params}
+    compress_help["refit"] = "true,false. " + compress_help.get("no_refit", "")
+    compress_help["ranking"] = "global,per-layer. " + compress_help.get("global_ranking", "")
+    compress_help["asymmetric"] = "true,false. " + compress_help.get("asymmetric", "")
+    return [
+        click.option(
+            f"--{name.replace('_', '-')}",
+            f"sweep_{name}",
+            metavar="V1,V2,...",
+            help=f"Values to try (comma list). {compress_help.get(name, '')}".strip(),
+        )
+        for name in SWEEP_OPTIONS
+    ]
+
+
+@main.command("sweep")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--methods",
+    required=True,
+    help="Methods to sweep, comma-separated; join methods with + to chain them (prune+svd): "
+    + ", ".join(_method_names())
+    + ".",
+)
+@click.option("--ratios", callback=_float_list, help="MACs ratios to try, e.g. 0.75,0.5,0.25.")
+@click.option(
+    "--speedups",
+    callback=_float_list,
+    help="Latency targets to try (times faster than the original), for the methods that choose "
+    "by measured latency.",
+)
+@click.option("--data", help="Calibration data, as compress --data.")
+@click.option("--calib-samples", type=int, default=512, show_default=True)
+@click.option(
+    "--eval-data",
+    help="Evaluation data, as evaluate --data (without it: random inputs, agreement only).",
+)
+@click.option("--eval-limit", type=int, help="Use only the first N samples of --eval-data.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Sweep folder: results.json, plots, report.html, models; rerunning resumes it.",
+)
+@_apply(model_loading)
+@_apply(_sweep_value_lists())
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Trials compressed at once: 1 runs in this process, more on a local Ray.",
+)
+@click.option("--ray-address", help="Run on the Ray cluster at this address instead.")
+@click.option(
+    "--batch-size",
+    "batch_sizes",
+    type=int,
+    multiple=True,
+    help="Batch sizes to time (default: 1 and 64).",
+)
+@click.option("--threads", type=int, help="onnxruntime intra-op threads for timing (default: all).")
+@click.option(
+    "--speedup-batch",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Batch size --speedups are met at (compress --batch).",
+)
+@click.option(
+    "--latency-time",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds of timing per model and batch size.",
+)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--retry-failed", is_flag=True, help="Run again the trials that failed before.")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json's content.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display or table.")
+@_friendly_errors
+def sweep_command(
+    model,
+    methods,
+    ratios,
+    speedups,
+    data,
+    calib_samples,
+    eval_data,
+    eval_limit,
+    output,
+    arch,
+    input_shape,
+    trust_pickle,
+    workers,
+    ray_address,
+    batch_sizes,
+    threads,
+    speedup_batch,
+    latency_time,
+    provider,
+    retry_failed,
+    as_json,
+    quiet,
+    **value_lists,
+):
+    """Compress MODEL with every combination of --methods, targets and method options; each
+    trial is verified and evaluated against the original, and the results, the Pareto front
+    and report.html are written to -o."""
+    from compressor import report
+    from compressor.sweep import SweepSpec, run_sweep, sweep_progress
+    from compressor.sweep_report import REPORT_HTML
+
+    options = tuple(
+        (name.removeprefix("sweep_"), text) for name, text in value_lists.items() if text
+    )
+    spec = SweepSpec(
+        model=model,
+        output=output,
+        methods=tuple(methods.split(",")),
+        ratios=ratios,
+        speedups=speedups,
+        options=options,
+        data=data,
+        eval_data=eval_data,
+        eval_limit=eval_limit,
+        calib_samples=calib_samples,
+        arch=arch,
+        input_shape=input_shape,
+        trust_pickle=trust_pickle,
+        provider=provider,
+        batch_sizes=tuple(batch_sizes) or (1, 64),
+        threads=threads,
+        latency_min_time_s=latency_time,
+        speedup_batch=speedup_batch,
+    )
+    if not quiet and not as_json:
+        for note in spec.notes():
+            stderr.print(f"[yellow]note:[/] {note}", highlight=False)
+    with sweep_progress(enabled=not quiet and not as_json) as observer:
+        results = run_sweep(
+            spec,
+            workers=workers,
+            ray_address=ray_address,
+            retry_failed=retry_failed,
+            observer=observer,
+        )
+    if as_json:
+        click.echo(report.to_json(results))
+        return
+    if quiet:
+        return
+    stdout.print(_sweep_table(results))
+    counts = results["counts"]
+    stdout.print(
+        f"{counts['done']} of {counts['trials']} trials done, {counts['failed']} failed; "
+        f"wrote [bold]{Path(output) / REPORT_HTML}[/]",
+        highlight=False,
+    )
+
+
+def _sweep_table(results):
+    from rich.table import Table
+
+    from compressor import report
+
+    batches = [str(b) for b in results["sweep"]["batch_sizes"]]
+    table = Table(title="sweep", title_justify="left", box=None, header_style="bold")
+    for header in ("trial", "status", "MACs kept", "accuracy", "agreement",
+                   *(f"speedup b{b}" for b in batches), "front"):
+        table.add_column(header, justify="left" if header in ("trial", "status") else "right")
+    for t in results["trials"]:
+        table.add_row(
+            t["key"],
+            t["status"] if t["status"] != "failed" else f"failed: {t.get('error', '')}",
+            report.format_ratio(t.get("macs_ratio")),
+            report.format_percent(t.get("accuracy")),
+            report.format_percent(t.get("agreement")),
+            *(report.format_ratio(t.get("speedup", {}).get(b)) for b in batches),
+            " ".join(f"b{b}" for b in t.get("pareto", [])),
+        )
+    return table
 
 
 def compress_main():
