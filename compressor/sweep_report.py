@@ -71,7 +71,7 @@ def plot_pareto(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
     trials = results["trials"]
     original = results.get("original", {})
     batches = [str(b) for b in results["sweep"]["batch_sizes"]]
-    series = sorted({series_name(t) for t in trials})
+    series = sorted({series_name(t) for t in trials if t.get("status") == "done"})
     colours = {name: f"C{i % 10}" for i, name in enumerate(series)}
     fig = _figure(5.2 * len(batches) + 0.6, 4.4)
     axes = fig.subplots(1, len(batches), squeeze=False)[0]
@@ -248,7 +248,10 @@ body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
 table { border-collapse: collapse; font-size: 12.5px; }
 th, td { padding: 3px 7px; border-bottom: 1px solid #ddd; text-align: right; vertical-align: top; }
-td.text, th.text { text-align: left; }
+td { white-space: nowrap; }
+td.text, th.text { text-align: left; white-space: normal; }
+td.command { min-width: 30em; }
+td.nowrap { white-space: nowrap; }
 th { cursor: pointer; background: #f3f3f3; position: sticky; top: 0; user-select: none; }
 th[aria-sort=ascending]::after { content: " \\25B2"; }
 th[aria-sort=descending]::after { content: " \\25BC"; }
@@ -335,7 +338,10 @@ def render_html(results: Mapping[str, Any], images: Sequence[Path]) -> str:
             classes.append("original")
         cells = []
         for column in columns:
-            cls = ' class="text"' if column.header in text_columns else ""
+            cls = ""
+            if column.header in text_columns:
+                wraps = column.header in ("options", "status")
+                cls = ' class="text"' if wraps else ' class="text nowrap"'
             cells.append(
                 f'<td{cls} data-sort="{html.escape(_sort_attr(column.value(trial)))}">'
                 f"{html.escape(column.text(trial))}</td>"
@@ -349,7 +355,7 @@ def render_html(results: Mapping[str, Any], images: Sequence[Path]) -> str:
         if trial.get("status") == "failed":
             detail = (f"<b>{html.escape(trial.get('failed_phase', ''))} failed:</b> "
                       f"{html.escape(str(trial.get('error', '')))}<br>{detail}")
-        cells.append(f'<td class="text" data-sort="">{detail}</td>')
+        cells.append(f'<td class="text command" data-sort="">{detail}</td>')
         rows.append(
             f'<tr class="{" ".join(classes)}" data-key="{html.escape(trial["key"])}">'
             + "".join(cells) + "</tr>"
