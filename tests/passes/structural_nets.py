@@ -1,7 +1,10 @@
 """Small hand-built ONNX graphs with the structures channel pruning must get right: residual
 Add (identity and 1x1 projection shortcuts), BatchNormalization, inverted residuals with
 depthwise convs, a depthwise multiplier, Concat/Split, Flatten/Reshape into Gemm, MatMul MLP
-blocks, and structures the analysis must refuse. Built by hand so the tests stay fast."""
+blocks, and structures the analysis must refuse. Then the structures of real exports: Split
+and Slice through a group, Resize/Upsample, Pad, attention heads, LayerNorm over the channels,
+a bias shared by unrelated layers, and the channel-axis ops to refuse. Built by hand so the
+tests stay fast."""
 
 from __future__ import annotations
 
@@ -245,8 +248,9 @@ def neck_net(rng):
     """A YOLO-style neck: x(3,8,8) -> conv a 8 -> SiLU (Sigmoid, Mul) -> Split [4, 4] (cuts
     a's group in two) -> [conv b 4 -> Relu] + second half -> Concat(first half, second half,
     sum) 12 -> conv c 8 -> Resize x2 (scales) -> Resize to 8x8 (sizes over axes 1, 2, 3:
-    the channel entry is rewritten) -> reflect Pad -> conv d 8 -> Slice channels [2:6] (cuts
-    d's group in three) -> GlobalAveragePool -> Flatten -> Gemm 10."""
+    the channel entry is rewritten) -> reflect Pad (pads computed by ConstantOfShape and
+    Concat) -> conv d 8 -> Slice channels [2:6] (cuts d's group in three) ->
+    GlobalAveragePool -> Flatten -> Gemm 10."""
     inits = {
         "a_w": _f(rng.standard_normal((8, 3, 3, 3)) * 0.3), "a_b": _f(rng.random(8) * .1),
         "b_w": _f(rng.standard_normal((4, 4, 3, 3)) * 0.2), "b_b": _f(rng.random(4) * .1),
@@ -254,7 +258,7 @@ def neck_net(rng):
         "d_w": _f(rng.standard_normal((8, 8, 3, 3)) * 0.2), "d_b": _f(rng.random(8) * .1),
         "fc_w": _f(rng.standard_normal((10, 4)) * 0.3), "fc_b": _f(rng.random(10) * .1),
         "split": _c([4, 4]), "scales": _f([1, 1, 2, 2]), "sizes": _c([8, 8, 8]),
-        "pads": _c([0, 0, 1, 1, 0, 0, 1, 1]),
+        "two": _c([2]), "ones": _c([1, 1]),
         "starts": _c([2]), "ends": _c([6]), "axes": _c([1]),
     }
     p1 = dict(pads=[1, 1, 1, 1])
@@ -272,6 +276,12 @@ def neck_net(rng):
                          mode="nearest"),
         helper.make_node("Resize", ["up", "", "", "sizes"], ["down"], name="downsample",
                          mode="linear", axes=[1, 2, 3]),
+        # pads [0, 0, 1, 1, 0, 0, 1, 1] computed from constants, as the TorchScript exporter
+        # writes them (ConstantOfShape, which constant folding leaves alone)
+        helper.make_node("ConstantOfShape", ["two"], ["zeros"], name="zeros",
+                         value=numpy_helper.from_array(_c([0]))),
+        helper.make_node("Concat", ["zeros", "ones", "zeros", "ones"], ["pads"], name="pads",
+                         axis=0),
         helper.make_node("Pad", ["down", "pads"], ["padded"], name="pad", mode="reflect"),
         conv("d", "padded", "d_w", "b"),
         helper.make_node("Slice", ["d", "starts", "ends", "axes"], ["sl"], name="slice"),
