@@ -459,12 +459,15 @@ def graph_input_specs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
             continue
         tensor_type = value.type.tensor_type
         try:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         except (KeyError, ValueError, TypeError):
+            dtype = None
+        if dtype is None or dtype.kind not in "biuf":
+            kind = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
             raise UnsupportedModelError(
-                f"input '{value.name}' has element type {tensor_type.elem_type}, which "
-                "compressor cannot feed (float, integer and bool tensors only)"
-            ) from None
+                f"input '{value.name}' holds {kind} elements, which compressor cannot feed "
+                "(float, integer and bool tensors only)"
+            )
         dims = None
         if tensor_type.HasField("shape"):
             dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]

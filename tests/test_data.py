@@ -6,11 +6,22 @@ import gzip
 import struct
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from compressor import data
-from compressor.data import batches, load_data, read_idx
-from compressor.errors import DataError
+from compressor.data import (
+    InputSpec,
+    batches,
+    graph_input_specs,
+    index_bounds,
+    load_data,
+    model_feeds,
+    read_idx,
+    stand_in_feeds,
+)
+from compressor.errors import DataError, UnsupportedModelError
 
 
 def write_npz(path, **arrays):
@@ -271,3 +282,164 @@ def test_image_folder_flat_and_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match=r"empty: no images found"):
         load_data(empty)
+
+
+# Matching arrays to a model's inputs
+
+IDS = InputSpec("input_ids", np.dtype(np.int64), (6,))
+MASK = InputSpec("attention_mask", np.dtype(np.bool_), (6,))
+PIXELS = InputSpec("image", np.dtype(np.float32), (1, 2, 2))
+
+
+def test_npz_arrays_are_matched_to_inputs_by_name_and_keep_integer_types(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 30_000, (5, 6), dtype=np.int32)
+    mask = rng.integers(0, 2, (5, 6)).astype(np.int64)
+    path = write_npz(tmp_path / "calib.npz", attention_mask=mask, input_ids=ids,
+                     token_type_ids=np.zeros((5, 6), np.int64), y=np.arange(5))
+    dataset = load_data(path, limit=4)
+    assert {k: len(v) for k, v in dataset.inputs.items()} == {
+        "attention_mask": 4, "input_ids": 4, "token_type_ids": 4}
+    feeds, notes = model_feeds(dataset, [IDS, MASK])
+    assert list(feeds) == ["input_ids", "attention_mask"] and notes == []  # extras ignored
+    assert feeds["input_ids"].dtype == np.int64  # int32 ids as the model's int64, unscaled
+    np.testing.assert_array_equal(feeds["input_ids"], ids[:4])
+    assert feeds["attention_mask"].dtype == np.bool_
+    np.testing.assert_array_equal(feeds["attention_mask"], mask[:4].astype(bool))
+
+
+def test_pixels_and_integers_for_a_float_input(tmp_path):
+    pixels = np.array([[[[0, 51], [102, 255]]]], np.uint8)
+    feeds, notes = model_feeds(load_data(write_npz(tmp_path / "u8.npz", image=pixels)), [PIXELS])
+    np.testing.assert_allclose(feeds["image"], pixels / 255, rtol=1e-6)  # scaled, silently
+    assert notes == []
+    ints = load_data(write_npz(tmp_path / "i16.npz", x=pixels.astype(np.int16)))
+    feeds, notes = model_feeds(ints, [PIXELS])
+    assert feeds["image"].dtype == np.float32
+    np.testing.assert_array_equal(feeds["image"], pixels)  # as they are: not scaled
+    assert notes == [
+        "i16.npz: array 'x' is int16 (values 0..255) but model input 'image' is float32: fed as "
+        "float32 without scaling (0-255 pixels fed to a model trained on [0, 1] calibrate it "
+        "wrongly: save floats, or uint8 pixels to have them scaled by 1/255)"
+    ]
+
+
+def test_a_single_input_takes_x_or_the_only_array_and_is_reshaped(tmp_path):
+    flat = np.arange(12, dtype=np.float32).reshape(3, 4) / 12
+    for key in ("x", "pixels"):
+        dataset = load_data(write_npz(tmp_path / f"{key}.npz", **{key: flat}))
+        feeds, _ = model_feeds(dataset, [PIXELS])
+        assert feeds["image"].shape == (3, 1, 2, 2)
+        np.testing.assert_array_equal(feeds["image"].reshape(3, 4), flat)
+    images = load_data("digits", limit=2)  # no arrays by name: x is the input's
+    feeds, _ = model_feeds(images, [InputSpec("input", np.dtype(np.float32), (64,))])
+    np.testing.assert_array_equal(feeds["input"], images.x.reshape(2, 64))
+
+
+def test_mismatches_name_the_input_the_file_and_what_the_model_expects(tmp_path):
+    ids = np.zeros((4, 6), np.int64)
+    two = load_data(write_npz(tmp_path / "calib.npz", x=ids, y=np.zeros(4, np.int64)))
+    with pytest.raises(DataError) as exc:
+        model_feeds(two, [IDS, MASK])
+    assert str(exc.value) == "calib.npz has no array for model input 'input_ids' (arrays: x, y)"
+
+    def match(spec, **arrays):
+        model_feeds(load_data(write_npz(tmp_path / "calib.npz", **arrays)), spec)
+
+    with pytest.raises(DataError) as exc:
+        match([IDS, MASK], input_ids=ids, attention_mask=np.ones((4, 8), np.int64))
+    assert str(exc.value) == (
+        "calib.npz: input 'attention_mask' has shape (4, 8) but the model expects (N, 6) bool"
+    )
+    with pytest.raises(DataError) as exc:
+        match([IDS, MASK], input_ids=ids + 0.5, attention_mask=np.ones((4, 6), bool))
+    assert str(exc.value) == (
+        "calib.npz: input 'input_ids' has dtype float64 but the model expects (N, 6) int64"
+    )
+    with pytest.raises(DataError, match=r"input 'attention_mask' has dtype int64 but the model "
+                                        r"expects \(N, 6\) bool"):
+        match([IDS, MASK], input_ids=ids, attention_mask=np.full((4, 6), 2))
+    small = InputSpec("input_ids", np.dtype(np.int32), (6,))
+    with pytest.raises(DataError, match=r"input 'input_ids' has values 0\.\.3000000009, outside "
+                                        r"the range of the model's int32"):
+        match([small], input_ids=np.arange(24).reshape(4, 6) * 130_434_783)
+    with pytest.raises(DataError, match="samples of shape \\(5,\\) do not fit \\(1, 2, 2\\)"):
+        match([PIXELS], x=np.zeros((4, 5), np.float32))
+    with pytest.raises(DataError, match=r"calib\.npz: the arrays have different numbers of "
+                                        r"samples \(input_ids 4, attention_mask 3\)"):
+        match([IDS, MASK], input_ids=ids, attention_mask=np.ones((3, 6), bool))
+
+
+def test_symbolic_dimensions_take_the_data_size():
+    dynamic = InputSpec("input_ids", np.dtype(np.int64), (None,))
+    assert dynamic.describe() == "(N, ?) int64" and not dynamic.is_static
+    assert dynamic.accepts((9,)) and not dynamic.accepts((9, 2))
+    stand_in = data.Dataset(np.zeros((2, 9), np.int64), None, "d", inputs={
+        "input_ids": np.zeros((2, 9), np.int64)})
+    assert model_feeds(stand_in, [dynamic]).arrays["input_ids"].shape == (2, 9)
+    with pytest.raises(DataError, match="pass --input-shape input_ids:DIMS"):
+        stand_in_feeds([dynamic], 4)
+
+
+def token_model() -> onnx.ModelProto:
+    """ids -> Cast -> Gather of a 7-row table; positions -> Gather of a Constant 5-row table;
+    segment ids index nothing (they scale the sum, as does a float mask)."""
+    table = numpy_helper.from_array(np.ones((7, 3), np.float32), "table")
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "ids64"], ["emb"]),
+        helper.make_node("Constant", [], ["positions_table"],
+                         value=numpy_helper.from_array(np.ones((5, 3), np.float32))),
+        helper.make_node("Gather", ["positions_table", "positions"], ["pos"]),
+        helper.make_node("Add", ["emb", "pos"], ["h"]),
+        helper.make_node("Cast", ["segments"], ["seg"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["seg", "axes"], ["seg3"]),
+        helper.make_node("Mul", ["h", "seg3"], ["hs"]),
+        helper.make_node("Unsqueeze", ["mask", "axes"], ["mask3"]),
+        helper.make_node("Mul", ["hs", "mask3"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tokens",
+        [helper.make_tensor_value_info("ids", TensorProto.INT32, ["N", 4]),
+         helper.make_tensor_value_info("positions", TensorProto.INT64, ["N", 4]),
+         helper.make_tensor_value_info("segments", TensorProto.INT64, ["N", 4]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3])],
+        [table, numpy_helper.from_array(np.array([-1], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_stand_ins_index_within_the_table_and_masks_are_ones():
+    model = token_model()
+    assert index_bounds(model) == {"ids": 7, "positions": 5}
+    specs = graph_input_specs(model)
+    assert [(s.name, s.dtype.name, s.shape, s.is_mask) for s in specs] == [
+        ("ids", "int32", (4,), False), ("positions", "int64", (4,), False),
+        ("segments", "int64", (4,), False), ("mask", "float32", (4,), True)]
+    feeds, notes = stand_in_feeds(specs, 200, model=model, seed=3)
+    assert feeds["ids"].dtype == np.int32 and feeds["ids"].min() >= 0
+    assert feeds["ids"].max() == 6 and feeds["positions"].max() == 4  # the whole table is used
+    assert feeds["segments"].max() == 99  # indexes nothing: 0..99
+    np.testing.assert_array_equal(feeds["mask"], np.ones((200, 4), np.float32))
+    assert notes == ["random stand-in inputs: ids 0..6 (the rows of the table it indexes); "
+                     "positions 0..4 (the rows of the table it indexes); segments 0..99 (it "
+                     "indexes no constant table); mask all ones"]
+    from compressor import runtime
+
+    runtime.session(model).run(None, feeds)  # onnxruntime refuses out-of-range Gather indices
+    floats = stand_in_feeds([PIXELS], 3, seed=0)
+    np.testing.assert_array_equal(
+        floats.arrays["image"],
+        np.random.default_rng(0).standard_normal((3, 1, 2, 2), dtype=np.float32))
+    assert floats.notes == []
+
+
+def test_graph_inputs_of_unsupported_types_are_refused():
+    model = token_model()
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.STRING
+    with pytest.raises(UnsupportedModelError, match="input 'ids'.*cannot feed"):
+        graph_input_specs(model)

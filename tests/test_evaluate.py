@@ -16,7 +16,9 @@ from compressor.errors import DataError, ModelLoadError, OptionError
 from compressor.evaluate import (
     EvaluationReport,
     LatencyStats,
+    cosine_similarities,
     evaluate,
+    is_class_logits,
     measure_latency,
     run_outputs,
 )
@@ -336,3 +338,156 @@ def test_accepts_a_loaded_model(tmp_path, pair):
     # a non-ONNX source's size would not compare with an ONNX file's: the graph's size is used
     assert report.candidate.name == "vgg"
     assert report.candidate.file_bytes == mlp_model(cand_w).ByteSize()
+
+
+# ----------------------------------------------------------------------------- several inputs
+
+VOCAB, SEQ, DIM = 11, 5, 3
+
+
+def token_model(table: np.ndarray, pooled: bool) -> onnx.ModelProto:
+    """Gather(table, ids) * mask[..., None]: hidden states (N, SEQ, DIM), or their sum over
+    tokens (N, DIM)."""
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"]),
+        helper.make_node("Cast", ["mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask_f", "axes"], ["mask3"]),
+        helper.make_node("Mul", ["emb", "mask3"], ["hidden" if pooled else "out"]),
+    ]
+    if pooled:
+        nodes.append(helper.make_node("ReduceSum", ["hidden", "one"], ["out"], keepdims=0))
+    out_shape = ["N", DIM] if pooled else ["N", SEQ, DIM]
+    graph = helper.make_graph(
+        nodes,
+        "tokens",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", SEQ]),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, ["N", SEQ])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)],
+        initializer=[numpy_helper.from_array(table.astype(np.float32), "table"),
+                     numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+                     numpy_helper.from_array(np.array([1], np.int64), "one")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def token_numpy(table: np.ndarray, ids: np.ndarray, mask: np.ndarray, pooled: bool):
+    hidden = table[ids] * mask[..., None]
+    return hidden.sum(1) if pooled else hidden
+
+
+@dataclass
+class TokenData:
+    """A Dataset stand-in with arrays by input name."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    inputs: dict
+    name: str = "tokens.npz"
+
+
+def token_data(n: int = 40, seed: int = 0) -> TokenData:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, (n, SEQ))
+    mask = rng.random((n, SEQ)) < 0.8
+    return TokenData(ids, None, {"ids": ids, "mask": mask})
+
+
+def test_run_outputs_feeds_every_input_by_name():
+    table = np.random.default_rng(0).standard_normal((VOCAB, DIM))
+    data = token_data()
+    sess = runtime.session(token_model(table, pooled=False))
+    got = run_outputs(sess, data.inputs, batch_size=7)
+    np.testing.assert_allclose(got, token_numpy(table, data.x, data.inputs["mask"], False),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(DataError, match=r"2 inputs \(ids, mask\); pass a dict of arrays"):
+        run_outputs(sess, data.x)
+    with pytest.raises(DataError, match=r"no array for model input 'mask' \(arrays: ids\)"):
+        run_outputs(sess, {"ids": data.x})
+    with pytest.raises(DataError, match=r"input 'ids' has dtype float64 but the model expects "
+                                        r"\(N, 5\) int64"):
+        run_outputs(sess, {"ids": data.x + 0.0, "mask": data.inputs["mask"]})
+
+
+def test_hidden_states_are_judged_by_cosine_not_agreement():
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((VOCAB, DIM))
+    noisy = table + 0.3 * rng.standard_normal(table.shape)
+    data = token_data()
+    report = evaluate(token_model(noisy, False), reference=token_model(table, False), data=data,
+                      **FAST)
+    comp = report.comparison
+    assert comp.output_kind == "features" and comp.agreement is None
+    mask = data.inputs["mask"]
+    cand, ref = (token_numpy(t, data.x, mask, False) for t in (noisy, table))
+    a, b = cand.reshape(len(cand), -1), ref.reshape(len(ref), -1)
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert comp.cosine_mean == pytest.approx(cosine.mean(), rel=1e-5)
+    assert comp.cosine_min == pytest.approx(cosine.min(), rel=1e-5)
+    assert 0 < comp.cosine_min < comp.cosine_mean < 1
+    assert comp.max_abs_logit_diff == pytest.approx(np.abs(cand - ref).max(), rel=1e-4)
+    assert report.samples == 40 and report.notes == ["data 'tokens.npz' has no labels; "
+                                                     "accuracy not measured"]
+    loaded = json.loads(to_json(report))
+    assert loaded["comparison"]["agreement"] is None
+    assert loaded["comparison"]["cosine_min"] == comp.cosine_min
+    assert EvaluationReport.from_dict(loaded).comparison.cosine_mean == comp.cosine_mean
+
+
+def test_logits_get_agreement_and_cosine(pair):
+    ref_w, cand_w, data = pair
+    comp = evaluate(mlp_model(cand_w), reference=mlp_model(ref_w), data=data, **FAST).comparison
+    assert comp.output_kind == "logits" and comp.agreement is not None
+    expected = cosine_similarities(mlp_numpy(cand_w, data.x), mlp_numpy(ref_w, data.x))
+    assert comp.cosine_mean == pytest.approx(expected.mean(), rel=1e-5)
+
+
+def test_labels_on_hidden_states_are_not_scored_as_accuracy():
+    table = np.random.default_rng(2).standard_normal((VOCAB, DIM))
+    data = token_data(12)
+    data.y = np.zeros(12, np.int64)
+    report = evaluate(token_model(table, False), data=data, **FAST)
+    assert report.candidate.accuracy is None
+    assert any("not class logits" in note for note in report.notes)
+
+
+def test_without_data_token_ids_stay_in_the_vocabulary_and_masks_are_ones():
+    table = np.random.default_rng(3).standard_normal((VOCAB, DIM))
+    model = token_model(table, pooled=True)
+    report = evaluate(model, reference=model, **FAST, random_samples=32)
+    assert report.comparison.agreement == 1.0
+    assert report.comparison.cosine_min == pytest.approx(1.0, abs=1e-12)
+    assert any("ids 0..10 (the rows of the table it indexes); mask all ones" in note
+               for note in report.notes)
+    assert any("no data: 32 random inputs" in note for note in report.notes)
+
+
+def test_class_logits_rule_and_cosine_edge_cases():
+    assert is_class_logits((8, 10)) and not is_class_logits((8, 1))
+    assert not is_class_logits((8, 16, 32)) and not is_class_logits((8,))
+    a = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [2.0, 2.0]])
+    b = np.array([[2.0, 0.0], [0.0, 0.0], [1.0, 0.0], [-1.0, -1.0]])
+    np.testing.assert_allclose(cosine_similarities(a, b), [1.0, 1.0, 0.0, -1.0])
+
+
+class _TwoInputSession(_RecordingSession):
+    def get_inputs(self):
+        return [_FakeValue("ids", ["N", SEQ], "tensor(int64)"),
+                _FakeValue("mask", ["N", SEQ], "tensor(bool)")]
+
+    def run(self, outputs, feeds):
+        assert feeds["ids"].dtype == np.int64 and feeds["mask"].dtype == np.bool_
+        assert len(feeds["ids"]) == len(feeds["mask"])
+        self.log.append((self.name, len(feeds["ids"])))
+        return [np.zeros((len(feeds["ids"]), CLASSES), np.float32)]
+
+
+def test_measure_latency_takes_feeds_of_several_inputs():
+    log = []
+    data = token_data(3)
+    stats = measure_latency({"a": _TwoInputSession("a", log)}, data.inputs, batch_sizes=(2, 5),
+                            warmup=1, runs=2)
+    assert {batch for _, batch in log} == {2, 5}  # batch 5 repeats the 3 rows of both
+    assert set(stats["a"]) == {2, 5} and all(s.runs == 2 for s in stats["a"].values())

@@ -18,6 +18,7 @@ from compressor.io import (
     export_to_onnx,
     load_model,
     parse_input_shape,
+    parse_input_shapes,
     save_model,
 )
 from compressor.runtime import session
@@ -389,6 +390,124 @@ def test_parse_input_shape(text, shape):
 def test_parse_input_shape_rejects(text):
     with pytest.raises(OptionError, match="--input-shape"):
         parse_input_shape(text)
+
+
+@pytest.mark.parametrize(
+    ("texts", "expected"),
+    [
+        ([], None),
+        (["1,28,28"], (1, 28, 28)),
+        ("3x32x32", (3, 32, 32)),
+        (["input_ids:128", "attention_mask:128"], {"input_ids": (128,), "attention_mask": (128,)}),
+        ([" grey : 1,8,8 ", "colour:3x8x8"], {"grey": (1, 8, 8), "colour": (3, 8, 8)}),
+        (["input_1:0:1,4"], {"input_1:0": (1, 4)}),  # TF-style names hold a colon
+    ],
+)
+def test_parse_input_shapes(texts, expected):
+    assert parse_input_shapes(texts) == expected
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        (["input_ids:128;attention_mask:128"], "expected DIMS for a single-input model"),
+        (["input_ids=128"], "expected DIMS for a single-input model"),
+        ([":128"], "expected DIMS"),
+        (["ids:"], "expected DIMS"),
+        (["ids:0,4"], "expected DIMS"),
+        (["ids:4", "ids:5"], "names input 'ids' twice"),
+        (["ids:4", "4"], "a shape without a name is for a single-input model"),
+        (["4", "5"], "a shape without a name is for a single-input model"),
+    ],
+)
+def test_parse_input_shapes_rejects(texts, message):
+    with pytest.raises(OptionError, match=message):
+        parse_input_shapes(texts)
+
+
+def two_input_model(ids_dims, mask_dims) -> onnx.ModelProto:
+    """y = ReduceSum(Cast(ids) * mask): int64 ids and a float mask, shapes as given."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["ids_f", "mask"], ["m"]),
+            helper.make_node("ReduceSum", ["m"], ["y"], keepdims=0),
+        ],
+        "two",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ids_dims),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, mask_dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_onnx_with_several_inputs_fixes_each_symbolic_dim(tmp_path):
+    path = tmp_path / "two.onnx"
+    onnx.save(two_input_model(["N", "seq"], ["N", "seq"]), path)
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(path)
+    assert_one_line_naming(exc, path, "shape of input 'ids'", "dimension 1 is symbolic",
+                           "--input-shape ids:DIMS")
+    loaded = load_model(path, input_shape={"ids": (5,), "mask": (5,)})
+    assert [(s.name, s.dtype, s.shape) for s in loaded.inputs] == [
+        ("ids", np.dtype(np.int64), (5,)), ("mask", np.dtype(np.float32), (5,))]
+    assert loaded.input_shapes == {"ids": (5,), "mask": (5,)}
+    assert loaded.input_shape_option == {"ids": (5,), "mask": (5,)}
+    assert loaded.input_name == "ids" and loaded.input_shape == (5,)
+    for value in loaded.proto.graph.input:  # the batch stays dynamic, seq is fixed
+        dims = value.type.tensor_type.shape.dim
+        assert dims[0].dim_param == "N" and dims[1].dim_value == 5
+    # one from the option, the other from the data's array of that name
+    mixed = load_model(path, input_shape={"ids": (5,)},
+                       sample_inputs={"mask": np.ones((2, 5), np.float32)})
+    assert mixed.input_shapes == {"ids": (5,), "mask": (5,)}
+    ids = np.arange(10).reshape(2, 5)
+    sess = session(loaded.proto)
+    got = sess.run(None, {"ids": ids, "mask": np.ones((2, 5), np.float32)})[0]
+    assert got == pytest.approx(float(ids.sum()))
+
+
+def test_input_shape_names_must_be_the_model_inputs(tmp_path):
+    path = tmp_path / "two.onnx"
+    onnx.save(two_input_model(["N", 5], ["N", 5]), path)
+    assert load_model(path).input_shapes == {"ids": (5,), "mask": (5,)}
+    with pytest.raises(OptionError, match=r"names input 'idz', but .*two\.onnx has inputs: ids, mask"):
+        load_model(path, input_shape={"idz": (5,)})
+    with pytest.raises(OptionError, match=r"has 2 inputs \(ids, mask\): name each input's shape"):
+        load_model(path, input_shape=(5,))
+    with pytest.raises(ModelLoadError, match="input 'mask' has per-sample shape 5"):
+        load_model(path, input_shape={"mask": (6,)})
+
+
+class IndexedScale(nn.Module):
+    """x * 2 plus the sum of the embedded ids: a float and an int64 input."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(9, 4)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return x * 2 + self.embed(ids).sum(1)
+
+
+def test_torch_export_program_with_an_integer_input(tmp_path):
+    torch.manual_seed(0)
+    module = IndexedScale().eval()
+    batch = torch.export.Dim("batch", min=1)
+    example = (torch.rand(2, 4), torch.zeros(2, 3, dtype=torch.int64))
+    path = tmp_path / "indexed.pt2"
+    torch.export.save(torch.export.export(module, example,
+                                          dynamic_shapes=({0: batch}, {0: batch})), path)
+    loaded = load_model(path)
+    assert loaded.source_format == "torch.export"
+    assert [(s.name, s.dtype, s.shape) for s in loaded.inputs] == [
+        ("x", np.dtype(np.float32), (4,)), ("ids", np.dtype(np.int64), (3,))]
+    x = np.random.default_rng(0).random((5, 4), dtype=np.float32)
+    ids = np.random.default_rng(1).integers(0, 9, (5, 3))
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x), torch.from_numpy(ids)).numpy()
+    got = session(loaded.proto).run(None, {"x": x, "ids": ids})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------- save

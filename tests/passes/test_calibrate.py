@@ -1,9 +1,12 @@
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 
 from compressor.errors import DataError
 from compressor.passes.calibrate import Calibration, Moments, conv_patches
@@ -54,3 +57,93 @@ def test_collect_returns_intermediate_tensors(mlp, built):
 def test_empty_calibration_is_rejected():
     with pytest.raises(DataError, match="non-empty batch"):
         Calibration(np.zeros((0, 3), dtype=np.float32))
+
+
+def two_input_model() -> onnx.ModelProto:
+    """y = x * 2 + Cast(ids), h = ids + 1 (int64): a float and an integer input."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["x", "two"], ["x2"]),
+            helper.make_node("Add", ["x2", "ids_f"], ["y"]),
+            helper.make_node("Add", ["ids", "one"], ["h"]),
+        ],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+         numpy_helper.from_array(np.array(1, np.int64), "one")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def two_inputs(n: int = 10) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(4)
+    return {"x": rng.standard_normal((n, 3)).astype(np.float32),
+            "ids": rng.integers(0, 1000, (n, 3))}
+
+
+def test_feeds_batch_every_input_in_order_and_keep_integer_types():
+    inputs = two_inputs(10)
+    calib = Calibration(inputs, batch_size=4)
+    assert len(calib) == 10 and calib.input_names == ("x", "ids")
+    batches = list(calib.feeds())
+    assert [len(b["x"]) for b in batches] == [4, 4, 2]
+    assert all(b["ids"].dtype == np.int64 for b in batches)
+    np.testing.assert_array_equal(np.concatenate([b["ids"] for b in batches]), inputs["ids"])
+    only_ids = list(calib.feeds(batch_size=3, input_names=["ids"]))
+    assert [list(b) for b in only_ids] == [["ids"]] * 4 and len(only_ids[-1]["ids"]) == 1
+    with pytest.raises(DataError, match="no samples for model input 'mask' \\(it has: x, ids\\)"):
+        next(calib.feeds(input_names=["x", "mask"]))
+    with pytest.raises(DataError, match="2 inputs \\(x, ids\\); iterate Calibration.feeds"):
+        _ = calib.inputs
+
+
+def test_stream_and_collect_feed_both_inputs():
+    inputs = two_inputs(10)
+    got = Calibration(inputs, batch_size=3).collect(ir.serde.deserialize_model(two_input_model()),
+                                                   ["y", "h"])
+    np.testing.assert_allclose(got["y"], inputs["x"] * 2 + inputs["ids"], rtol=1e-6)
+    assert got["h"].dtype == np.int64
+    np.testing.assert_array_equal(got["h"], inputs["ids"] + 1)
+
+
+def test_stream_pair_feeds_each_model_the_same_batches():
+    inputs = two_inputs(7)
+    model = ir.serde.deserialize_model(two_input_model())
+    pairs = []
+    Calibration(inputs, batch_size=4).stream_pair(
+        (model, ["y"]), (two_input_model(), ["h"]), lambda a, b: pairs.append((a, b)))
+    assert [len(a["y"]) for a, _ in pairs] == [4, 3]
+    np.testing.assert_array_equal(np.concatenate([b["h"] for _, b in pairs]), inputs["ids"] + 1)
+
+
+def test_subset_keeps_every_input_and_the_settings():
+    calib = Calibration(two_inputs(10), batch_size=4, provider="cpu")
+    subset = calib.subset(3)
+    assert len(subset) == 3 and subset.batch_size == 4 and subset.input_names == ("x", "ids")
+    np.testing.assert_array_equal(subset.arrays["ids"], calib.arrays["ids"][:3])
+    single = Calibration(np.ones((5, 2), np.float64)).subset(2)
+    assert single.inputs.shape == (2, 2) and single.inputs.dtype == np.float32
+    assert single.input_names == ()
+
+
+def test_one_unnamed_array_feeds_a_single_input_model_of_any_name(mlp):
+    x = np.random.default_rng(5).standard_normal((6, 16)).astype(np.float32)
+    calib = Calibration(x, batch_size=4)
+    assert [list(f) for f in calib.feeds(input_names=["whatever"])] == [["whatever"]] * 2
+    with pytest.raises(DataError, match="one unnamed array: pass the model's input name"):
+        next(calib.feeds())
+    with pytest.raises(DataError, match="the model has 2 inputs \\(x, ids\\)"):
+        calib.collect(ir.serde.deserialize_model(two_input_model()), ["y"])
+
+
+def test_inputs_of_different_lengths_are_rejected():
+    with pytest.raises(DataError, match="different numbers of samples \\(x 3, ids 2\\)"):
+        Calibration({"x": np.zeros((3, 3), np.float32), "ids": np.zeros((2, 3), np.int64)})
+    with pytest.raises(DataError, match="calibration input 'ids' must be a non-empty batch"):
+        Calibration({"ids": np.zeros((0, 3), np.int64)})
