@@ -853,6 +853,9 @@ class _Analysis:
                 node.inputs[1]) is None:
             self.fix(ca.layout, f"{_label(node)} has split sizes computed at run time")
             return None, False
+        if any(s[axis] == 0 for s in out_shapes):
+            self.fix(ca.layout, f"{_label(node)} has an empty output")
+            return None, False
         # cut the layout where the outputs end, splitting the groups a cut falls in
         bounds = np.cumsum([s[axis] for s in out_shapes]).tolist()[:-1]
         layouts = self.cut(ca.layout, bounds)
@@ -1222,7 +1225,7 @@ class _Analysis:
                               "no known origin")
         macs = math.prod(out1) * a1[-1]
         self.layers.append(ComputeLayer(node, "batched_matmul", macs, None, ref.layout,
-                                        tuple(shapes[1])))
+                                        tuple(self.shapes1.get(b.name, shapes[1]))))
         return [ChannelAxis(ref.axis, ref.layout)], False
 
     # -- parameters ------------------------------------------------------------------------
