@@ -451,24 +451,30 @@ class _Analysis:
                     node: ir.Node) -> None:
         self.slices.append(ParamSlice(value, axis, layout, role, kind, node))
 
-    def static(self, value: ir.Value | None) -> np.ndarray | None:
+    def static(self, value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
         """The value's content if it is a constant or computed from constants only by small
         shape-like ops (evaluated with onnx's reference evaluator), else None."""
         if value is None:
             return None
         if value in self.statics:
             return self.statics[value]
-        self.statics[value] = None  # guards against cycles while evaluating
+        shape = self.shape(value)
+        if value in self.axes or (shape is not None and math.prod(shape) > STATIC_LIMIT):
+            return None  # channels or anything as large are activations, not shapes
         result = constant_array(value) if not value.is_graph_input() else None
         node = value.producer()
-        if result is None and node is not None and node.op_type in STATIC_OPS \
+        if result is None and depth < 32 and node is not None and node.op_type in STATIC_OPS \
                 and node.domain in DEFAULT_DOMAINS and not any(
                     a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                     for a in node.attributes.values()):
-            arrays = [self.static(v) for v in node.inputs]
-            if all(a is not None or v is None for a, v in zip(arrays, node.inputs, strict=True)) \
-                    and sum(a.size for a in arrays if a is not None) <= STATIC_LIMIT:
-                result = _evaluate(node, arrays, self.opset, node.outputs.index(value))
+            arrays = []
+            for v in node.inputs:
+                arrays.append(self.static(v, depth + 1))
+                if v is not None and arrays[-1] is None:
+                    break
+            else:
+                if sum(a.size for a in arrays if a is not None) <= STATIC_LIMIT:
+                    result = _evaluate(node, arrays, self.opset, node.outputs.index(value))
                 if result is not None and result.size > STATIC_LIMIT:
                     result = None
         self.statics[value] = result
