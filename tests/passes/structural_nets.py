@@ -184,8 +184,10 @@ def transformer_mlp(rng):
 
 
 def unsupported_net(rng):
-    """Structures the analysis must refuse, each with a reason: a grouped conv, a Split
-    through a group, a cross-channel LRN, a Reshape whose target is computed at run time."""
+    """Structures the analysis must refuse, each with a reason: a grouped conv and a
+    cross-channel LRN. Also a Split through a group (now cut into two groups) and a Reshape
+    whose target is built at run time from the batch and -1 (now followed), which it once
+    refused."""
     inits = {
         "a_w": _f(rng.standard_normal((8, 2, 3, 3)) * 0.3),
         "g_w": _f(rng.standard_normal((8, 4, 3, 3)) * 0.3),
