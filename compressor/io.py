@@ -646,8 +646,7 @@ def _resolve_shapes(
                 )
             raise ModelLoadError(
                 f"cannot determine the shape of input '{name}' of {path}{why_not}: pass "
-                f"--input-shape {name}:DIMS (per sample, without the batch) or --data with an "
-                f"array '{name}'"
+                f"--input-shape {name}:DIMS (per sample, without the batch)"
             )
     return shapes
 
