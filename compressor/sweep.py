@@ -580,17 +580,26 @@ def compress_trial(spec: SweepSpec, trial: Trial, inputs: TrialInputs) -> tuple[
         content = output.read_bytes()
     comparison = report.comparison
     candidate, reference = report.candidate, report.reference
-    accuracy = candidate.accuracy
-    quality_metric = "accuracy" if accuracy is not None else "agreement"
+    # quality: accuracy on labelled data, else top-1 agreement with the original (class
+    # logits), else the mean cosine similarity of the outputs (embeddings, feature maps)
+    cosine_mean = getattr(comparison, "cosine_mean", None)
+    quality_metric, quality = next(
+        ((name, value) for name, value in (("accuracy", candidate.accuracy),
+                                           ("agreement", comparison.agreement),
+                                           ("cosine", cosine_mean)) if value is not None),
+        ("agreement", None),
+    )
     record = {
         **trial.as_dict(),
         "status": "compressed",
-        "quality": accuracy if accuracy is not None else comparison.agreement,
+        "quality": quality,
         "quality_metric": quality_metric,
-        "accuracy": accuracy,
+        "accuracy": candidate.accuracy,
         "reference_accuracy": reference.accuracy,
         "accuracy_delta": comparison.accuracy_delta,
         "agreement": comparison.agreement,
+        "cosine_mean": cosine_mean,
+        "cosine_min": getattr(comparison, "cosine_min", None),
         "max_abs_logit_diff": comparison.max_abs_logit_diff,
         "mean_abs_logit_diff": comparison.mean_abs_logit_diff,
         "eval_samples": report.samples,
@@ -1191,7 +1200,7 @@ def _original_summary(records: Sequence[dict], original: dict | None) -> dict[st
     summary["latency_p50_ms"] = latency
     summary["quality"] = summary.get("accuracy")
     if summary["quality"] is None and first is not None:
-        summary["quality"] = 1.0  # agreement with itself
+        summary["quality"] = 1.0  # its agreement or cosine similarity with itself
     return summary
 
 
@@ -1271,11 +1280,14 @@ def results_schema_errors(results: Mapping[str, Any]) -> list[str]:
         if trial.get("status") == "failed" and not trial.get("error"):
             errors.append(f"trials[{i}] failed without an error")
         if trial.get("status") == "done":
-            for name in ("quality", "macs", "params", "file_bytes", "macs_ratio", "agreement"):
+            for name in ("quality", "macs", "params", "file_bytes", "macs_ratio"):
                 if not isinstance(trial.get(name), (int, float)):
                     errors.append(f"trials[{i}].{name} is not a number")
-            if "accuracy" not in trial:
-                errors.append(f"trials[{i}] has no accuracy (None when unlabelled)")
+            if trial.get("quality_metric") not in ("accuracy", "agreement", "cosine"):
+                errors.append(f"trials[{i}].quality_metric is not accuracy, agreement or cosine")
+            for name in ("accuracy", "agreement"):  # None: unlabelled data, not class logits
+                if name not in trial:
+                    errors.append(f"trials[{i}] has no {name} (None when not measured)")
             for name in ("speedup", "latency_ms"):
                 if not isinstance(trial.get(name), dict) or not trial[name]:
                     errors.append(f"trials[{i}].{name} is not a dict by batch size")

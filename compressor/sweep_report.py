@@ -56,11 +56,22 @@ def _timed(trials: Sequence[Mapping[str, Any]], batch: str) -> list[Mapping[str,
     ]
 
 
-def _metric_label(results: Mapping[str, Any]) -> str:
+def _metric(results: Mapping[str, Any]) -> str:
+    """accuracy (labelled data), agreement (top-1 with the original) or cosine (outputs'
+    similarity to the original's), as the trials measured it."""
     metrics = {t.get("quality_metric") for t in results["trials"] if t.get("quality_metric")}
-    if metrics == {"agreement"}:
-        return "agreement with the original"
-    return "accuracy"
+    return metrics.pop() if len(metrics) == 1 else "accuracy"
+
+
+_METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "agreement": "agreement with the original",
+    "cosine": "cosine similarity to the original",
+}
+
+
+def _metric_label(results: Mapping[str, Any]) -> str:
+    return _METRIC_LABELS[_metric(results)]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -117,7 +128,7 @@ def plot_pareto(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 def plot_accuracy_vs_ratio(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    key = "accuracy" if _metric_label(results) == "accuracy" else "agreement"
+    key = _metric(results)
     points = [
         {"series": series_name(t), "macs_ratio": t["macs_ratio"], key: t["quality"]}
         for t in results["trials"]
@@ -185,7 +196,11 @@ def _columns(batches: Sequence[str]) -> list[Column]:
         Column("Δ points", lambda t: _num(t.get("accuracy_delta")),
                lambda t: fmt.format_points(_num(t.get("accuracy_delta")))),
         Column("agreement", lambda t: _num(t.get("agreement")),
-               lambda t: fmt.format_percent(_num(t.get("agreement")))),
+               lambda t: fmt.format_percent(_num(t.get("agreement"))),
+               "top-1 agreement with the original"),
+        Column("cosine", lambda t: _num(t.get("cosine_mean")),
+               lambda t: fmt.format_float(_num(t.get("cosine_mean"))),
+               "mean cosine similarity of the outputs to the original's"),
     ]
     for batch in batches:
         columns += [
@@ -315,6 +330,7 @@ def _original_row(results: Mapping[str, Any]) -> dict[str, Any]:
         "file_bytes": original.get("file_bytes"),
         "accuracy": original.get("accuracy"),
         "agreement": 1.0,
+        "cosine_mean": 1.0,
         "latency_p50_ms": original.get("latency_p50_ms", {}),
         "speedup": {b: 1.0 for b in original.get("latency_p50_ms", {})},
         "pareto": [int(b) for b, keys in results.get("pareto", {}).items() if "original" in keys],
