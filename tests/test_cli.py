@@ -289,6 +289,40 @@ def test_inspect_shows_layers_and_recipe(tmp_path):
             "--channel-multiple must be >= 1",
             2,
         ),
+        (
+            ["compress", "{ckpt}", "--arch", "mlp", "-m", "svd", "--speedup", "1", "-o",
+             "o.onnx"],
+            "--speedup must be a number > 1",
+            2,
+        ),
+        (
+            ["compress", "{ckpt}", "--arch", "mlp", "-m", "svd", "--speedup", "fast", "-o",
+             "o.onnx"],
+            "'fast' is not a valid float",
+            2,
+        ),
+        (
+            ["compress", "{ckpt}", "--arch", "mlp", "-m", "svd,nosuch", "-o", "o.onnx"],
+            "unknown method 'nosuch'",
+            2,
+        ),
+        (
+            ["compress", "{ckpt}", "--arch", "mlp", "-m", "prune,svd,prune", "-o", "o.onnx"],
+            "'prune' is listed twice",
+            2,
+        ),
+        (
+            ["compress", "{ckpt}", "--arch", "mlp", "-m", "svd", "--quantize", "int4", "-o",
+             "o.onnx"],
+            "Invalid value for '--quantize': 'int4'",
+            2,
+        ),
+        (
+            ["compress", "{ckpt}", "--arch", "mlp", "-m", "sketch", "--speedup", "2", "-o",
+             "o.onnx"],
+            "sketch chooses by MACs only",
+            2,
+        ),
     ],
 )
 def test_errors_are_one_clear_line(args, message, code, tmp_path, monkeypatch):
