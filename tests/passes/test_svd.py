@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from compressor.errors import OptionError
+from compressor.latency import LatencyCache, LatencyContext, LatencyTable
+from compressor.passes.budget import EXCLUDED_REASON
 from compressor.passes.calibrate import Calibration
 from compressor.passes.svd import LowRankSVDPass, SVDConfig
+from compressor.profile import profile_model
 
 
 def _weights(model: ir.Model) -> dict[str, np.ndarray]:
@@ -168,3 +171,198 @@ def test_finer_rank_multiples_when_the_ratio_needs_them(convnet, rng):
     result = LowRankSVDPass(SVDConfig(ratio=0.6), Calibration(x))(convnet.ir())
     assert result.stats["ratio_reached"] <= 0.6
     assert any("finer than multiples of 16" in note for note in result.notes)
+
+
+# ----------------------------------------------------------------------------- by measured time
+
+
+def fake_ms(proto: onnx.ModelProto, penalty=None) -> float:
+    """A deterministic stand-in for timings: each Conv/Gemm/MatMul costs 1 ms per million
+    MACs plus 2 us, plus ``penalty(layer profile)``; additive over layers, so the predicted
+    time of a compressed model can be checked exactly against the same rule on the result."""
+    return sum(layer.macs * 1e-6 + 0.002 + (penalty(layer) if penalty else 0.0)
+               for layer in profile_model(proto).layers
+               if layer.op in ("Conv", "Gemm", "MatMul"))
+
+
+class FakeTable(LatencyTable):
+    def __init__(self, penalty=None):
+        super().__init__(LatencyContext(), LatencyCache(persistent=False))
+        self.penalty = penalty
+
+    def measure(self, proto, min_time_s):
+        return fake_ms(proto, self.penalty)
+
+
+@pytest.fixture(scope="module")
+def lenet5() -> onnx.ModelProto:
+    """The zoo's trained LeNet-5, cleaned up as the pipeline does before svd (exported through
+    TorchScript: a second, where the torch.export exporter takes ten)."""
+    from compressor.io import export_to_onnx
+    from compressor.models import zoo
+    from compressor.passes.cleanup import CleanupPass
+
+    entry = zoo.get("lenet5")
+    if not entry.checkpoint.is_file():
+        pytest.skip("no lenet5 checkpoint")
+    traced = torch.jit.trace(zoo.load_pretrained("lenet5").eval(),
+                             torch.zeros(2, *entry.input_shape))
+    proto = export_to_onnx(traced, tuple(entry.input_shape))
+    return ir.serde.serialize_model(CleanupPass()(ir.serde.deserialize_model(proto)).model)
+
+
+def _ir(proto: onnx.ModelProto) -> ir.Model:
+    return ir.serde.deserialize_model(onnx.ModelProto.FromString(proto.SerializeToString()))
+
+
+CONV2 = "/features/3/Conv"  # lenet5's 6 -> 16 channel 5 x 5 conv on 14 x 14 inputs
+
+
+def test_speedup_meets_the_measured_budget_on_a_zoo_model(lenet5):
+    table = FakeTable()
+    result = LowRankSVDPass(SVDConfig(ratio=1.0, speedup=1.15), latency=table)(_ir(lenet5))
+    stats = result.stats
+    before = fake_ms(lenet5)
+    assert stats["latency_ms_before"] == pytest.approx(before)
+    assert stats["predicted_latency_ms"] <= before / 1.15 + 1e-12
+    assert stats["predicted_speedup"] == pytest.approx(before / stats["predicted_latency_ms"])
+    # the prediction is the same rule applied to the compressed model (the rule is additive)
+    out = ir.serde.serialize_model(result.model)
+    assert fake_ms(out) == pytest.approx(stats["predicted_latency_ms"], rel=1e-9)
+    assert not any("not reachable" in n for n in result.notes)
+    changed = result.changed
+    assert changed
+    for record in changed:
+        assert record.latency_after_ms < record.latency_before_ms
+    assert stats["latency_cache_misses"] == table.misses and table.hits == 0
+    # again on the same table: every candidate comes from the cache, the same choices
+    again = LowRankSVDPass(SVDConfig(ratio=1.0, speedup=1.15), latency=table)(_ir(lenet5))
+    assert again.stats["latency_cache_misses"] == 0
+    assert again.stats["latency_cache_hits"] == stats["latency_cache_misses"]
+    assert [r.detail for r in again.layers] == [r.detail for r in result.layers]
+
+
+def test_an_option_measured_slower_than_dense_is_never_chosen(lenet5):
+    def slow_conv2_forms(layer):  # conv2's factorised stages read its 6-channel 14 x 14 input
+        factorised = layer.weight_shape != (16, 6, 5, 5)
+        return 1.0 if layer.op == "Conv" and layer.input_shape[1:] == (6, 14, 14) and \
+            factorised else 0.0
+
+    plain = LowRankSVDPass(SVDConfig(ratio=1.0, speedup=1.05), latency=FakeTable())(_ir(lenet5))
+    assert {r.name: r for r in plain.layers}[CONV2].changed  # chosen when it is faster
+    result = LowRankSVDPass(SVDConfig(ratio=1.0, speedup=1.05),
+                            latency=FakeTable(slow_conv2_forms))(_ir(lenet5))
+    conv2 = {r.name: r for r in result.layers}[CONV2]
+    assert conv2.skipped.startswith("kept dense: every factorised form measured slower than "
+                                    "dense (fastest 1.")
+    assert conv2.latency_after_ms == conv2.latency_before_ms
+    assert any(r.changed for r in result.layers)  # the others still meet the target
+    assert result.stats["predicted_latency_ms"] <= fake_ms(lenet5) / 1.05
+    convs = [n for n in result.model.graph if n.op_type == "Conv"]
+    assert len(convs) == 2 and convs[1].name == CONV2
+    # even when the target is out of reach the slower forms stay out
+    hopeless = LowRankSVDPass(SVDConfig(ratio=1.0, speedup=3.0),
+                              latency=FakeTable(slow_conv2_forms))(_ir(lenet5))
+    assert {r.name: r for r in hopeless.layers}[CONV2].skipped.startswith("kept dense")
+
+
+def test_exclude_keeps_a_layer_dense(lenet5):
+    for cfg in (SVDConfig(ratio=1.0, speedup=1.15, exclude=frozenset({CONV2})),
+                SVDConfig(ratio=0.5, exclude=frozenset({CONV2}))):
+        result = LowRankSVDPass(cfg, latency=FakeTable())(_ir(lenet5))
+        conv2 = {r.name: r for r in result.layers}[CONV2]
+        assert conv2.skipped == EXCLUDED_REASON
+        assert conv2.macs_after == conv2.macs_before
+        node = next(n for n in result.model.graph if n.name == CONV2)
+        weight_name = next(n.input[1] for n in lenet5.graph.node if n.name == CONV2)
+        original = next(i for i in lenet5.graph.initializer if i.name == weight_name)
+        np.testing.assert_array_equal(node.inputs[1].const_value.numpy(),
+                                      onnx.numpy_helper.to_array(original))
+        assert any(r.changed for r in result.layers)
+
+
+def test_speedup_and_ratio_must_both_hold(lenet5):
+    table = FakeTable()
+    time_only = LowRankSVDPass(SVDConfig(ratio=1.0, speedup=1.05), latency=table)(_ir(lenet5))
+    both = LowRankSVDPass(SVDConfig(ratio=0.85, speedup=1.05), latency=table)(_ir(lenet5))
+    assert time_only.stats["ratio_reached"] > 0.85  # so the MACs cap binds
+    assert both.stats["ratio_reached"] <= 0.85
+    assert both.stats["predicted_latency_ms"] <= fake_ms(lenet5) / 1.05
+    assert fake_ms(ir.serde.serialize_model(both.model)) == pytest.approx(
+        both.stats["predicted_latency_ms"], rel=1e-9)
+
+
+def test_unreachable_speedup_takes_the_fastest_forms_and_says_so(lenet5):
+    table = FakeTable()
+    result = LowRankSVDPass(SVDConfig(ratio=1.0, speedup=3.0), latency=table)(_ir(lenet5))
+    (note,) = [n for n in result.notes if "not reachable" in n]
+    predicted = result.stats["predicted_speedup"]
+    assert note.startswith(f"speedup 3 not reachable by svd alone: predicted {predicted:.2f}x")
+    for record in result.layers:
+        if record.latency_before_ms is not None and record.changed:
+            # nothing faster was on offer for this layer
+            assert record.latency_after_ms < record.latency_before_ms
+
+
+def test_without_speedup_nothing_is_timed(lenet5):
+    table = FakeTable()
+    timed = LowRankSVDPass(SVDConfig(ratio=0.5), latency=table)(_ir(lenet5))
+    plain = LowRankSVDPass(SVDConfig(ratio=0.5))(_ir(lenet5))
+    assert (table.hits, table.misses) == (0, 0)
+    assert timed.stats == plain.stats and "predicted_latency_ms" not in timed.stats
+    assert [r.as_dict() for r in timed.layers] == [r.as_dict() for r in plain.layers]
+    assert all(r.latency_before_ms is None for r in timed.layers)
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_candidates_are_the_forms_the_pass_writes(convnet, scheme):
+    """The timing model of a factorised conv has the nodes (ops, attributes, weight shapes)
+    the rewrite puts in the model, on the layer's real input at the table's batch, and the
+    Relu that follows the layer."""
+    result = LowRankSVDPass(SVDConfig(rank=8, schemes=(scheme,)))(convnet.ir())
+    written = [n for n in result.model.graph if n.name.startswith("conv2_svd8")]
+    assert len(written) == 2
+
+    def describe(node_proto, weights):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node_proto.attribute}
+        return node_proto.op_type, attrs, weights[node_proto.input[1]]
+
+    out = ir.serde.serialize_model(result.model)
+    out_weights = {i.name: tuple(i.dims) for i in out.graph.initializer}
+    expected = [describe(ir.serde.serialize_node(n), out_weights) for n in written]
+
+    from compressor.latency import fused_activation
+    from compressor.passes.lowrank import survey
+    from compressor.passes.svd import _Choice, _LayerAnalysis
+
+    model = convnet.ir()
+    layer = next(a for a in survey(model, None).layers if a.name == "conv2")
+    analysis = _LayerAnalysis(layer, np.eye(layer.fan_in), None, SVDConfig(schemes=(scheme,)))
+    candidate = analysis.timing_model(_Choice(scheme, 8, 0.0), 4, fused_activation(layer.node),
+                                      18)
+    weights = {i.name: tuple(i.dims) for i in candidate.graph.initializer}
+    assert [describe(n, weights) for n in candidate.graph.node[:2]] == expected
+    assert [n.op_type for n in candidate.graph.node[2:]] == ["Relu"]
+    dims = [d.dim_value for d in candidate.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [4, 16, 12, 12]
+    dense = analysis.timing_model(None, 1, fused_activation(layer.node), 18)
+    assert [n.op_type for n in dense.graph.node] == ["Conv", "Relu"]
+    assert built_runs(dense) and built_runs(candidate)
+
+
+def built_runs(proto: onnx.ModelProto) -> bool:
+    from compressor import runtime
+
+    sess = runtime.session(proto)
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    y = sess.run(None, {sess.get_inputs()[0].name: np.ones(shape, np.float32)})[0]
+    return bool(np.all(np.isfinite(y)))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"speedup": 0.5}, "--speedup must be >= 1"),
+    ({"speedup": 2.0, "rank": 4}, "cannot be combined with --rank or --energy"),
+])
+def test_speedup_config_errors(kwargs, message):
+    with pytest.raises(OptionError, match=message):
+        SVDConfig(**kwargs)
