@@ -33,6 +33,13 @@ class Calibration:
     unnamed array (as the float models of the zoo take them) and as given in a mapping (the
     caller matched them to the model's types, ``compressor.data.model_feeds``); integer and
     bool arrays always keep their type.
+
+    To run a session of the model (or of a model with the same inputs: an int8 copy, a
+    candidate being timed) on the samples, batch by batch::
+
+        names = [i.name for i in session.get_inputs()]
+        for feed in calibration.feeds(batch_size=64, input_names=names):
+            session.run(None, feed)
     """
 
     def __init__(
@@ -46,7 +53,7 @@ class Calibration:
         if isinstance(inputs, Mapping):
             if not inputs:
                 raise DataError("calibration inputs must name at least one model input")
-            arrays = {str(name): np.ascontiguousarray(a) for name, a in inputs.items()}
+            arrays = {str(name): np.asarray(a) for name, a in inputs.items()}
             for name, array in arrays.items():
                 if array.ndim < 1 or len(array) == 0:
                     raise DataError(
@@ -57,7 +64,9 @@ class Calibration:
             if len(set(counts.values())) > 1:
                 detail = ", ".join(f"{name} {n}" for name, n in counts.items())
                 raise DataError(f"calibration inputs have different numbers of samples ({detail})")
-            self._arrays: dict[str, np.ndarray] = arrays
+            self._arrays: dict[str, np.ndarray] = {
+                name: np.ascontiguousarray(array) for name, array in arrays.items()
+            }
             self._unnamed: np.ndarray | None = None
         else:
             inputs = np.asarray(inputs)
