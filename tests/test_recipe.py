@@ -166,3 +166,20 @@ def test_rollback_order_prefers_layers_that_gain_least_per_error():
     ]
     order = Recipe._rollback_order([PassResult(model=None, modified=True, layers=layers)])
     assert [r.name for r in order] == ["cheap_gain", "big_gain"]
+
+
+def test_overshoot_is_corrected_and_the_closest_round_above_the_target_wins(
+        small_model, tmp_path, monkeypatch):
+    """Whole models measured twice as fast as the per-layer prediction: the first round
+    overshoots, the next asks the stages for less, and the round kept meets the target with
+    the least speedup past it (the least compressed)."""
+    model, data = small_model
+    fake = FakeLatency(compressed_factor=0.5)
+    _patch_latency(monkeypatch, fake)
+    out = tmp_path / "out.onnx"
+    result = compress(CompressOptions(model=model, output=out, method="svd", speedup=1.6,
+                                      data=str(data), rank_multiple=4))
+    asked = [n for n in result.notes if "asking the stages for" in n]
+    assert asked, result.notes
+    assert result.speed.met and result.speed.rounds >= 2
+    assert result.speed.measured < 1.6 * 2  # not the first round's overshoot
