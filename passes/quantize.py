@@ -304,6 +304,42 @@ def _fp32_name(name: str, index, fp32_tensors: set[str]) -> str | None:
     return None
 
 
+def _float_graph_outputs(qdq: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the QuantizeLinear/DequantizeLinear pair the quantizer puts on a graph output that
+    an int8 Gemm or MatMul writes: those kernels write float as well (QGemm,
+    MatMulIntegerToFloat), and a quantized output would clip whatever exceeds the range seen in
+    calibration (logits above it, say) and round the rest to 256 levels, for no time saved."""
+    graph = qdq.graph
+    producers, consumers = _index(graph)
+    outputs = {out.name for out in graph.output}
+    drop: list[onnx.NodeProto] = []
+    for dq in graph.node:
+        if dq.op_type != "DequantizeLinear" or dq.output[0] not in outputs:
+            continue
+        q = producers.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(consumers[q.output[0]]) != 1:
+            continue
+        node = producers.get(q.input[0])
+        if (node is None or node.op_type not in FLOAT_OUTPUT_OK or node.domain not in _DEFAULT_DOMAINS
+                or len(consumers[q.input[0]]) != 1 or q.input[0] in outputs):
+            continue
+        node.output[:] = [dq.output[0] if n == q.input[0] else n for n in node.output]
+        drop += [q, dq]
+    if drop:
+        kept = [n for n in graph.node if all(n is not d for d in drop)]
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {name for n in graph.node for name in n.input}
+        inits = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
+        names = {n for node in graph.node for n in node.output}
+        kept_info = [v for v in graph.value_info if v.name in names or v.name in used]
+        del graph.value_info[:]
+        graph.value_info.extend(kept_info)
+    return qdq
+
+
 # ---------------------------------------------------------------------------------------------
 # Standalone models: the error probe and the timing candidates
 
@@ -682,7 +718,7 @@ class QuantizeInt8Pass(Pass):
                                    "ActivationSymmetric": activations == "int8"})
                 proto = onnx.load(str(out))
                 proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
-                return proto
+                return _float_graph_outputs(proto)
 
             def fp32_names() -> list[str]:
                 return [d.name for d in decisions.values() if not d.int8]

@@ -454,3 +454,52 @@ def test_config_is_validated_and_errors_name_the_problem():
     with pytest.raises(PassError, match=re.escape("no node named fc9 to exclude")):
         QuantizeInt8Pass(QuantizeConfig(exclude=("fc9",)), Calibration(_mlp_inputs(8)))(
             ir.serde.deserialize_model(_mlp()))
+
+
+def test_a_graph_output_written_by_gemm_stays_float():
+    """The last Gemm computes in int8 (QGemm) but writes float logits: no clipping to the
+    calibration range, no rounding to 256 levels."""
+    proto, x = _conv_net(), _conv_inputs()
+    result = QuantizeInt8Pass(QuantizeConfig(), Calibration(x))(ir.serde.deserialize_model(proto))
+    quantized = ir.serde.serialize_model(result.model)
+    (fc,) = [n for n in quantized.graph.node if n.name == "fc"]
+    assert list(fc.output) == ["y"]
+    assert "fc" in int8_nodes(quantized)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and "y" in
+                   (*n.input, *n.output) for n in quantized.graph.node)
+    y = _run(quantized, {"x": x})  # 640 logits: through a uint8 output, 256 values at most
+    assert np.unique(y).size > 600
+
+
+# --------------------------------------------------------------------------- evaluate, inspect
+
+
+def test_evaluate_and_inspect_show_the_int8_nodes(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from compressor.cli import main
+    from compressor.evaluate import EvaluationReport, evaluate
+    from compressor.report import evaluation_table
+
+    proto, x = _conv_net(), _conv_inputs()
+    result = QuantizeInt8Pass(QuantizeConfig(), Calibration(x))(ir.serde.deserialize_model(proto))
+    quantized = ir.serde.serialize_model(result.model)
+    expected = int8_nodes(quantized)
+    report = evaluate(quantized, reference=proto, batch_sizes=(1,), latency_runs=3,
+                      progress=False)
+    assert report.candidate.int8_nodes == expected and report.reference.int8_nodes == []
+    assert EvaluationReport.from_dict(report.to_dict()).candidate.int8_nodes == expected
+    table = evaluation_table(report)
+    (row,) = [i for i, cell in enumerate(table.columns[0]._cells) if cell == "int8 nodes"]
+    assert [column._cells[row] for column in table.columns[1:3]] == ["0", str(len(expected))]
+
+    path = tmp_path / "int8.onnx"
+    onnx.save(quantized, str(path))
+    runner = CliRunner()
+    shown = runner.invoke(main, ["inspect", str(path), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["int8_nodes"] == expected
+    shown = runner.invoke(main, ["inspect", str(path)])
+    assert f"int8 nodes ({len(expected)}): {', '.join(expected)}" in " ".join(shown.output.split())
