@@ -1094,6 +1094,9 @@ class _Timing:
             if i in self.latency.axes:
                 record.latency_before_ms = self.latency.dense_ms(i)
                 record.latency_after_ms = self.latency.layer_ms(i, sizes)
-            out_groups = {s.group for s in layer.out_layout or ()}
-            if record.skipped == "all channels kept" and out_groups & self.slow:
+            if not {s.group for s in layer.out_layout or ()} & self.slow:
+                continue
+            if record.skipped == "all channels kept":
                 record.skipped = "all channels kept: every narrower width measured no faster"
+            elif record.skipped is None:
+                record.detail += "; outputs kept: every narrower width measured no faster"
