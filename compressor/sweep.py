@@ -14,7 +14,8 @@ A trial has two phases:
 * **timing**: the compressed model beside the original (``evaluate.measure_latency``, batch 1
   and 64, alternating order, spinning off), one trial at a time holding the machine's cores,
   once every compression has finished: timed beside running compressions, a model would be
-  measured against them.
+  measured against them. For the same reason the compressions that time candidates
+  themselves (``--speedups``, ``--quantize``) run one at a time, holding the cores.
 
 Each phase's result is written to the sweep folder as soon as it comes (atomically), so a
 rerun skips what is done; a failed trial is recorded with its error and the sweep goes on.
@@ -84,7 +85,9 @@ CHAIN = "+"  # "prune+svd": one trial runs prune then svd (compress's --method p
 
 TIMING_NOTE = (
     "Latency was timed one trial at a time, each timing holding the machine's cores, after all "
-    "compressions had finished (compressions ran in parallel, one core each). Each compressed "
+    "compressions had finished (compressions ran in parallel, one core each, except those that "
+    "time candidates themselves, for latency targets or int8, which ran one at a time holding "
+    "the cores). Each compressed "
     "model was timed beside the original in the same run (alternating order, onnxruntime "
     "spinning off), so speedups compare like with like; absolute times vary from trial to "
     "trial with the machine's load."
@@ -758,6 +761,7 @@ class InProcessExecutor:
     timing_cores = None
 
     def submit(self, fn: Callable, args: tuple, timing: bool = False) -> Any:
+        """``timing``: the task times models and must run alone (here, everything does)."""
         return (fn, args)
 
     def put(self, value: Any) -> Any:
@@ -824,6 +828,9 @@ class RayExecutor:
         # so no other task of this sweep or anyone else's shares the cores it is timed on
         self.timing_cores = max(1, min((c for c in node_cpus if c > 0), default=1))
         self._compress = ray.remote(num_cpus=1, max_retries=0)(compress_trial)
+        self._compress_alone = ray.remote(num_cpus=self.timing_cores, max_retries=0)(
+            compress_trial
+        )
         self._time = ray.remote(num_cpus=self.timing_cores, max_retries=0)(time_trial)
 
     def put(self, value: Any) -> Any:
@@ -831,7 +838,7 @@ class RayExecutor:
 
     def submit(self, fn: Callable, args: tuple, timing: bool = False) -> Any:
         if fn is compress_trial:
-            return self._compress.remote(*args)
+            return (self._compress_alone if timing else self._compress).remote(*args)
         if fn is time_trial:
             return self._time.remote(*args)
         # another function (tests inject their own): the same resources as the phase's
@@ -902,8 +909,7 @@ class _RichObserver(SweepObserver):
         return f"done {c['done']} · running {c['running']} · failed {c['failed']}{mean}"
 
     def _refresh(self) -> None:
-        for task in self.tasks.values():
-            self.progress.update(task, status=self._status())
+        self.progress.update(self.tasks["compress"], status=self._status())
 
     def planned(self, total, skipped, to_compress, to_time):
         self.counts["done"] = skipped
@@ -1115,16 +1121,22 @@ def _run_phases(spec, folder, trials, records, to_compress, to_time, executor, o
     reference_handle = executor.put(inputs.reference)
     timing_handle = executor.put(inputs.timing_inputs)
 
-    # compression phase: as many at once as the executor has slots
-    queue = list(to_compress)
+    # compression phase: as many at once as the executor has slots; then, one at a time
+    # holding the cores, the compressions that time candidates themselves (latency targets,
+    # int8 nodes kept only where measured faster)
+    parallel = [t for t in to_compress if not _measures_latency(t)]
+    exclusive = [t for t in to_compress if _measures_latency(t)]
     running: dict[Any, _Task] = {}
-    while queue or running:
-        while queue and len(running) < executor.slots:
-            trial = queue.pop(0)
+    while parallel or exclusive or running:
+        while parallel and len(running) < executor.slots:
+            trial = parallel.pop(0)
             handle = executor.submit(compress_fn, (spec, trial, inputs_handle))
-            running[_hashable(handle)] = _Task(
-                trial, "compress", handle, time.perf_counter()
-            )
+            running[_hashable(handle)] = _Task(trial, "compress", handle, time.perf_counter())
+            observer.started(trial, "compress")
+        if not running:
+            trial = exclusive.pop(0)
+            handle = executor.submit(compress_fn, (spec, trial, inputs_handle), timing=True)
+            running[_hashable(handle)] = _Task(trial, "compress", handle, time.perf_counter())
             observer.started(trial, "compress")
         handle, value, error = executor.wait([t.handle for t in running.values()])
         task = running.pop(_hashable(handle))
@@ -1139,9 +1151,7 @@ def _run_phases(spec, folder, trials, records, to_compress, to_time, executor, o
             to_time.append(task.trial)
         else:
             record = _error_record(task.trial, "compress", error, None)
-            record["command"] = spec.command(
-                task.trial, folder.model_path(task.trial.key)
-            )
+            record["command"] = spec.command(task.trial, folder.model_path(task.trial.key))
         record["trial_seconds"] = seconds
         folder.save(record)
         records[task.trial.key] = record
@@ -1174,6 +1184,11 @@ def _run_phases(spec, folder, trials, records, to_compress, to_time, executor, o
         records[trial.key] = record
         observer.finished(trial, "time", record, seconds)
     return original
+
+
+def _measures_latency(trial: Trial) -> bool:
+    """Whether compressing ``trial`` times models itself, and so must run alone."""
+    return trial.speedup is not None or dict(trial.options).get("quantize") is not None
 
 
 def _hashable(handle: Any) -> Any:

@@ -271,6 +271,51 @@ def test_failed_trial_is_recorded_and_the_others_finish(tmp_path):
     assert results["counts"]["failed"] == 0
 
 
+class RecordingExecutor(InProcessExecutor):
+    """Two slots; runs each task when it is waited for, oldest first, and records what was
+    running when each task was submitted."""
+
+    slots = 2
+
+    def __init__(self):
+        self.pending: list = []
+        self.submitted: list[tuple[str, bool, int]] = []  # (fn, timing, others running)
+
+    def submit(self, fn, args, timing=False):
+        handle = (fn, args)
+        name = args[1].key if fn.__name__ == "compress" else fn.__name__
+        self.submitted.append((name, timing, len(self.pending)))
+        self.pending.append(handle)
+        return handle
+
+    def wait(self, handles):
+        handle = self.pending.pop(0)
+        assert handle in handles
+        fn, args = handle
+        return handle, fn(*args), None
+
+
+@pytest.mark.skipif(not _has_speedup_targets(), reason="the pipeline has no latency targets")
+def test_compressions_that_time_candidates_run_alone(tmp_path):
+    s = spec(tmp_path, ratios=(0.75, 0.5, 0.25), speedups=(1.5, 2.0))
+    executor, fake = RecordingExecutor(), FakeTrials()
+
+    def compress_any(spec, trial, inputs):  # the fake reads trial.ratio: speedup trials too
+        return fake.compress(spec, dataclasses.replace(trial, ratio=trial.ratio or 0.4), inputs)
+
+    compress_any.__name__ = "compress"
+    run_sweep(s, executor=executor, compress_fn=compress_any, time_fn=fake.time, report=False)
+    compressions = [(k, timing, others) for k, timing, others in executor.submitted
+                    if k != "time"]
+    # ratio trials two at a time, without holding the cores
+    assert compressions[:3] == [("svd-ratio0.75", False, 0), ("svd-ratio0.5", False, 1),
+                                ("svd-ratio0.25", False, 1)]
+    # speedup trials alone, holding the cores; then the timings, alone too
+    assert compressions[3:] == [("svd-speedup1.5x", True, 0), ("svd-speedup2x", True, 0)]
+    timings = [(timing, others) for k, timing, others in executor.submitted if k == "time"]
+    assert timings == [(True, 0)] * 5
+
+
 def test_a_bug_in_a_trial_keeps_its_traceback(tmp_path):
     def broken(spec, trial, inputs):
         raise ZeroDivisionError("division by zero")
