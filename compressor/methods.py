@@ -16,11 +16,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Method:
-    """``build(opts, calibration, latency=..., exclude=...)`` makes the method's passes.
+    """``build(opts, calibration)`` makes the method's passes.
 
     ``chooses_by_latency``: the passes take ``opts.speedup`` and a latency table and choose
-    per layer by measured time; other methods meet ``opts.ratio`` (MACs) only. ``exclude``
-    names layers to leave as they are (the recipe rolls layers back through it).
+    per layer by measured time, and ``build`` takes two more keywords: ``latency`` (the
+    table) and ``exclude`` (names of layers to leave as they are: the recipe rolls layers back
+    through it). Other methods meet ``opts.ratio`` (MACs) only.
     """
 
     name: str

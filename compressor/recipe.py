@@ -208,8 +208,11 @@ class Recipe:
                     speed_target = None
             stage_opts = dataclasses.replace(opts, method=name, ratio=ratio_target,
                                              speedup=speed_target)
-            passes = method.build(stage_opts, self.calibration, latency=self.latency,
-                                  exclude=exclude)
+            if method.chooses_by_latency:
+                passes = method.build(stage_opts, self.calibration, latency=self.latency,
+                                      exclude=exclude)
+            else:  # the plain builder signature, which registered methods may have
+                passes = method.build(stage_opts, self.calibration)
             manager = PassManager(
                 passes, on_start=lambda p, j, k, s=name: self.progress(f"{s}: pass {p.name}", j, k))
             model, stage_results = manager(model)

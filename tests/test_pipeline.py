@@ -111,7 +111,7 @@ def test_pass_errors_name_the_pass(small_model, tmp_path, monkeypatch):
 
 
 def test_unknown_method_and_bad_output():
-    with pytest.raises(OptionError, match="unknown --method 'nope'"):
+    with pytest.raises(OptionError, match="--method: unknown method 'nope'"):
         CompressOptions(model="m.onnx", output="o.onnx", method="nope")
     with pytest.raises(OptionError, match="--calib-samples"):
         CompressOptions(model="m.onnx", output="o.onnx", method="svd", calib_samples=0)
