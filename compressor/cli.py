@@ -347,6 +347,8 @@ def compress_command(
             output_error=result.verification.relative_error,
             agreement=result.verification.agreement,
             samples=result.verification.samples,
+            cosine_mean=result.verification.cosine_mean,
+            cosine_min=result.verification.cosine_min,
         )
     )
     for note in result.notes:

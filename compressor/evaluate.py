@@ -43,6 +43,7 @@ from compressor.errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from compressor.passes.quantize import int8_nodes
 from compressor.profile import ModelProfile, profile_model
 from compressor.progress import progress_bars
 
@@ -81,6 +82,7 @@ class ModelStats:
     file_bytes: int | None
     accuracy: float | None  # top-1 on labelled data, fraction in [0, 1]
     latency: dict[int, LatencyStats] = field(default_factory=dict)  # by batch size
+    int8_nodes: list[str] = field(default_factory=list)  # nodes run in int8 (QDQ)
 
 
 @dataclass
@@ -643,6 +645,7 @@ def evaluate(
             file_bytes=resolved.file_bytes,
             accuracy=accuracy[n],
             latency=latency[n],
+            int8_nodes=int8_nodes(resolved.proto),
         )
 
     cand_stats = model_stats("candidate", cand, cand_profile, candidate_name)

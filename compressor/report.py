@@ -265,6 +265,8 @@ def evaluation_table(report: EvaluationReport) -> Table:
         format_bytes(cand.file_bytes),
         format_ratio(comp.size_ratio) if comp else "",
     )
+    if cand.int8_nodes or (ref is not None and ref.int8_nodes):
+        row("int8 nodes", str(len(ref.int8_nodes)) if ref else "", str(len(cand.int8_nodes)))
     return table
 
 
