@@ -215,13 +215,23 @@ class FakeTrials:
                 "speedup": {"1": 2.0}}
 
 
+@pytest.fixture(scope="module")
+def mlp_onnx(tmp_path_factory):
+    """The MLP exported once: sweeps of fake trials load it without exporting it again."""
+    from compressor import io
+
+    path = tmp_path_factory.mktemp("mlp") / "mlp.onnx"
+    io.save_model(io.load_model(MLP, arch="mlp").proto, path)
+    return path
+
+
 def _run(s, fake, **kw):
     return run_sweep(s, executor=InProcessExecutor(), compress_fn=fake.compress,
                      time_fn=fake.time, report=False, **kw)
 
 
-def test_rerun_skips_finished_trials(tmp_path):
-    s = spec(tmp_path, ratios=(0.75, 0.5, 0.25))
+def test_rerun_skips_finished_trials(tmp_path, mlp_onnx):
+    s = spec(tmp_path, model=mlp_onnx, arch=None, ratios=(0.75, 0.5, 0.25))
     first = FakeTrials()
     results = _run(s, first)
     assert first.compressed == ["svd-ratio0.75", "svd-ratio0.5", "svd-ratio0.25"]
@@ -242,14 +252,15 @@ def test_rerun_skips_finished_trials(tmp_path):
     record["status"] = "compressed"
     (folder / "trials" / "svd-ratio0.25.json").write_text(json.dumps(record))
     third = FakeTrials()
-    results = _run(spec(tmp_path, ratios=(0.75, 0.5, 0.25, 0.1)), third)
+    grown = spec(tmp_path, model=mlp_onnx, arch=None, ratios=(0.75, 0.5, 0.25, 0.1))
+    results = _run(grown, third)
     assert third.compressed == ["svd-ratio0.5", "svd-ratio0.1"]
     assert sorted(third.timed) == ["svd-ratio0.1", "svd-ratio0.25", "svd-ratio0.5"]
     assert results["counts"] == {"trials": 4, "done": 4, "failed": 0, "compressed": 0}
 
 
-def test_failed_trial_is_recorded_and_the_others_finish(tmp_path):
-    s = spec(tmp_path, ratios=(0.75, 0.5, 0.25))
+def test_failed_trial_is_recorded_and_the_others_finish(tmp_path, mlp_onnx):
+    s = spec(tmp_path, model=mlp_onnx, arch=None, ratios=(0.75, 0.5, 0.25))
     fake = FakeTrials(fail={"svd-ratio0.5"})
     results = _run(s, fake)
     by_key = {t["key"]: t for t in results["trials"]}
@@ -296,8 +307,9 @@ class RecordingExecutor(InProcessExecutor):
 
 
 @pytest.mark.skipif(not _has_speedup_targets(), reason="the pipeline has no latency targets")
-def test_compressions_that_time_candidates_run_alone(tmp_path):
-    s = spec(tmp_path, ratios=(0.75, 0.5, 0.25), speedups=(1.5, 2.0))
+def test_compressions_that_time_candidates_run_alone(tmp_path, mlp_onnx):
+    s = spec(tmp_path, model=mlp_onnx, arch=None, ratios=(0.75, 0.5, 0.25),
+             speedups=(1.5, 2.0))
     executor, fake = RecordingExecutor(), FakeTrials()
 
     def compress_any(spec, trial, inputs):  # the fake reads trial.ratio: speedup trials too
@@ -316,22 +328,23 @@ def test_compressions_that_time_candidates_run_alone(tmp_path):
     assert timings == [(True, 0)] * 5
 
 
-def test_a_bug_in_a_trial_keeps_its_traceback(tmp_path):
+def test_a_bug_in_a_trial_keeps_its_traceback(tmp_path, mlp_onnx):
     def broken(spec, trial, inputs):
         raise ZeroDivisionError("division by zero")
 
-    results = run_sweep(spec(tmp_path), executor=InProcessExecutor(), compress_fn=broken,
-                        report=False)
+    results = run_sweep(spec(tmp_path, model=mlp_onnx, arch=None),
+                        executor=InProcessExecutor(), compress_fn=broken, report=False)
     (trial,) = results["trials"]
     assert trial["error_type"] == "ZeroDivisionError"
     assert "raise ZeroDivisionError" in trial["traceback"]
 
 
-def test_a_folder_of_another_sweep_is_refused(tmp_path):
-    _run(spec(tmp_path), FakeTrials())
+def test_a_folder_of_another_sweep_is_refused(tmp_path, mlp_onnx):
+    _run(spec(tmp_path, model=mlp_onnx, arch=None), FakeTrials())
     with pytest.raises(OptionError, match=r"holds a sweep of other inputs \(differs in: "
                                           r"calib_samples, eval_limit\)"):
-        _run(spec(tmp_path, calib_samples=32, eval_limit=100), FakeTrials())
+        _run(spec(tmp_path, model=mlp_onnx, arch=None, calib_samples=32, eval_limit=100),
+             FakeTrials())
 
 
 def test_missing_ray_is_one_line_saying_how_to_install(tmp_path, monkeypatch):
