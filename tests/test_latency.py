@@ -325,3 +325,20 @@ def test_fused_activation_only_when_it_is_the_only_user():
                      helper.make_node("Add", ["h", "h"], ["y"], name="add")]
     model = _ir_graph(tanh_then_add, {"w": w})
     assert fused_activation(next(n for n in model.graph if n.name == "fc")) is None
+
+
+def test_time_feeds_every_input_of_its_dtype(cache_path):
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"]),
+             helper.make_node("Add", ["rows", "x"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "two", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3]),
+                       helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])],
+        [numpy_helper.from_array(np.ones((5, 4), np.float32), "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    feeds = latency._random_feeds(model, 2)
+    assert feeds["ids"].dtype == np.int64 and feeds["ids"].shape == (2, 3)
+    assert feeds["x"].dtype == np.float32 and feeds["x"].shape == (2, 3, 4)
+    table = LatencyTable(LatencyContext(batch=2), LatencyCache(cache_path), min_time_s=0.0)
+    assert table.time(model) > 0
