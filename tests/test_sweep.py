@@ -21,7 +21,7 @@ from compressor.data import load_data
 from compressor.errors import CompressionError, OptionError
 from compressor.evaluate import evaluate
 from compressor.models import zoo
-from compressor.pipeline import CompressOptions
+from compressor.pipeline import CompressOptions, read_recipe
 from compressor.profile import profile_model
 from compressor.sweep import (
     SWEEP_OPTIONS,
@@ -474,3 +474,30 @@ def test_two_trials_on_ray_with_two_workers(real_sweep, tmp_path):
     assert on_ray["max_abs_logit_diff"] == pytest.approx(in_process["max_abs_logit_diff"],
                                                          rel=1e-4)
     assert on_ray["file_bytes"] == pytest.approx(in_process["file_bytes"], abs=64)
+
+
+@pytest.mark.slow
+def test_a_running_ray_is_used_and_files_travel_with_the_tasks(real_sweep, tmp_path):
+    """With --ray-address, a Ray the process already joined is used as it is (not shut down),
+    and the model and data files go to the workers through the object store."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    try:
+        s = spec(tmp_path, eval_limit=500, batch_sizes=(1, 64), ratios=(0.5,),
+                 options=(("rank_multiple", "16"),))
+        results = run_sweep(s, ray_address="auto", report=False)
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+    (trial,) = results["trials"]
+    assert trial["status"] == "done", trial.get("error")
+    assert results["run"]["ray_address"] == "auto"
+    # the recipe names the worker's copy of the data: a file of the same name elsewhere
+    recipe = read_recipe(onnx.load(trial["model"]))
+    assert Path(recipe["options"]["data"]).name == CALIB.name
+    assert Path(recipe["options"]["data"]) != CALIB
+    in_process = real_sweep[1]["trials"][1]
+    assert trial["key"] == in_process["key"]
+    for name in ("macs", "params", "accuracy", "agreement"):
+        assert trial[name] == in_process[name], name
