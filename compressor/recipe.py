@@ -47,6 +47,18 @@ MAX_REFINEMENT = 1.5  # a refinement round asks at most this much more (or less)
 OVERSHOOT = 1.1  # measured up to this much past the target is close enough
 
 
+def _predicted(stages: Sequence[StageRecord], int8_gain: float | None) -> float | None:
+    """The speedup the stages predicted from their latency tables, times int8's measured gain;
+    None when a stage changed the model without predicting its time."""
+    total = 1.0
+    for stage in stages:
+        if stage.predicted_speedup is not None:
+            total *= stage.predicted_speedup
+        elif stage.macs_ratio < 0.999:
+            return None
+    return total * (int8_gain or 1.0)
+
+
 def _better(speed: SpeedReport, best: SpeedReport) -> bool:
     """Of two rounds: one that meets the target beats one that does not; of two that meet it,
     the one closer to it (less compressed, so less error); else the faster."""
@@ -182,8 +194,10 @@ class Recipe:
     # -- one run of every stage -------------------------------------------------------------
 
     def _time(self, proto: onnx.ModelProto) -> float:
+        from compressor.latency import WHOLE_MODEL_MIN_TIME_S
+
         assert self.latency is not None
-        return self.latency.time(proto)
+        return self.latency.time(proto, min_time_s=WHOLE_MODEL_MIN_TIME_S)
 
     def _stages(self, original: onnx.ModelProto, exclude: frozenset[str], speed_goal: float | None,
                 notes: list[str]) -> tuple[ir.Model, list[PassResult], list[StageRecord]]:
@@ -201,7 +215,11 @@ class Recipe:
             ratio_target = min(1.0, _share(opts.ratio / (macs_now / macs0), n - i))
             speed_target = None
             if speed_goal is not None and method.chooses_by_latency:
-                speed_now = time0 / self._time(current) if i else 1.0
+                # what the stages before reached: their own predictions where they made one
+                # (no noisy re-timing), else a measurement of the model as it is now
+                speed_now = _predicted(stages, None) if i else 1.0
+                if speed_now is None:
+                    speed_now = time0 / self._time(current)
                 speed_target = _share(speed_goal / speed_now, n - i)
                 if speed_target <= 1.0:
                     notes.append(f"stage {name}: the speed target is already met before it")
@@ -242,12 +260,13 @@ class Recipe:
         self.progress("quantize int8", 1, 1)
         return result.model, result
 
-    def _int8_gain(self, original: onnx.ModelProto) -> float:
-        """Measured speedup of the int8 stage alone on the original (at least 1)."""
+    def _int8_gain(self, original: onnx.ModelProto, feeds) -> float:
+        """Speedup of the int8 stage alone on the original, timed side by side (at least 1)."""
+        assert self.latency is not None
         quantized, _ = self._quantize(_copy(original))
-        t_fp32 = self._time(original)
-        t_int8 = self._time(_serialize(quantized, self.max_ir_version))
-        return max(1.0, t_fp32 / t_int8)
+        times = self.latency.compare(
+            {"fp32": original, "int8": _serialize(quantized, self.max_ir_version)}, feeds=feeds)
+        return max(1.0, times["fp32"] / times["int8"])
 
     # -- measurement and rollback ------------------------------------------------------------
 
@@ -288,8 +307,9 @@ class Recipe:
             self.latency = LatencyTable(LatencyContext(opts.provider, opts.threads, opts.batch))
         feeds = timing_feeds(self.calibration, opts.batch)
         goal = opts.speedup
+        gain = None
         if goal is not None and opts.quantize is not None:
-            gain = self._int8_gain(original)
+            gain = self._int8_gain(original, feeds)
             notes.append(f"int8 alone measured {gain:.2f}x on the original: the method stages "
                          f"aim for {max(1.0, goal / gain):.2f}x")
             goal = goal / gain if goal / gain > 1.0 else None
@@ -304,10 +324,7 @@ class Recipe:
             model, results, stages = self._stages(original, exclude, round_goal, notes)
             compressed = _serialize(model, self.max_ir_version)
             t_orig, t_new = self._measure(original, compressed, feeds)
-            predicted = None
-            if goal is not None:
-                t_pred = self._time(compressed)
-                predicted = self._time(original) / t_pred if t_pred > 0 else None
+            predicted = _predicted(stages, gain)
             speed = SpeedReport(opts.speedup, opts.batch, opts.threads, opts.provider, t_orig,
                                 t_new, predicted, round_, sorted(exclude))
             if best is None or _better(speed, best[4]):

@@ -131,6 +131,9 @@ def test_speedup_is_measured_and_reported(small_model, tmp_path, monkeypatch):
     assert speed.measured == pytest.approx(speed.original_ms / speed.compressed_ms)
     assert speed.met is (speed.measured >= 2.0)
     assert speed.batch == 1 and speed.target == 2.0
+    # the prediction is the pass's own, from its per-layer timings
+    assert result.stages[0].predicted_speedup is not None
+    assert speed.predicted == pytest.approx(result.stages[0].predicted_speedup)
     # with time proportional to MACs, reaching 2x means keeping about half the MACs or less
     if speed.met:
         assert result.ratio_reached < 0.55
