@@ -292,7 +292,7 @@ class SweepSpec:
     eval_limit: int | None = None
     calib_samples: int = 512
     arch: str | None = None
-    input_shape: tuple[int, ...] | None = None
+    input_shape: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None = None  # as compress
     trust_pickle: bool = False
     provider: str = "cpu"
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # timed, side by side with the original
@@ -433,7 +433,7 @@ class SweepSpec:
         if self.arch:
             args += ["--arch", self.arch]
         if self.input_shape:
-            args += ["--input-shape", ",".join(map(str, self.input_shape))]
+            args += _input_shape_flags(self.input_shape)
         if self.trust_pickle:
             args += ["--trust-pickle"]
         if self.eval_data is not None:
@@ -463,7 +463,7 @@ class SweepSpec:
         return {
             "model": source(self.model),
             "arch": self.arch,
-            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "input_shape": self.input_shape,
             "data": source(self.data),
             "calib_samples": self.calib_samples,
             "eval_data": source(self.eval_data),
@@ -475,6 +475,14 @@ class SweepSpec:
         }
 
 
+def _input_shape_flags(shape: tuple[int, ...] | Mapping[str, tuple[int, ...]]) -> list[str]:
+    """``--input-shape 1,28,28``, or one ``--input-shape NAME:DIMS`` per named input."""
+    if isinstance(shape, Mapping):
+        return [arg for name, dims in shape.items()
+                for arg in ("--input-shape", f"{name}:{','.join(map(str, dims))}")]
+    return ["--input-shape", ",".join(map(str, shape))]
+
+
 def _command_flag(name: str, value: Value) -> list[str]:
     """compress's flags for CompressOptions field ``name`` set to ``value``."""
     if name == "refit":
@@ -484,7 +492,7 @@ def _command_flag(name: str, value: Value) -> list[str]:
     if name == "schemes":
         return [arg for scheme in value for arg in ("--scheme", scheme)]
     if name == "input_shape":
-        return ["--input-shape", ",".join(map(str, value))]
+        return _input_shape_flags(value)
     if isinstance(value, bool):
         return [f"--{_flag(name)}"] if value else []
     return [f"--{_flag(name)}", _format_value(value)]
@@ -1039,7 +1047,7 @@ def _prepare(spec: SweepSpec, folder: SweepFolder, ship: bool) -> tuple[TrialInp
         "params": original.candidate.params,
         "file_bytes": original.candidate.file_bytes,
         "path": str(original_path),
-        "input_shape": list(loaded.input_shape),
+        "input_shape": loaded.input_shape,
     }
 
 
