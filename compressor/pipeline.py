@@ -184,11 +184,17 @@ class _Laps:
         what is left of it (latency measurements, serialisation) as ``recipe other``."""
         out = {k: v for k, v in self.laps.items() if k != "recipe"}
         passes: dict[str, float] = {}
+        stages: dict[str, float] = {}
         for r in results:
             name = f"pass {r.stats.get('pass', 'unnamed')}"
             passes[name] = passes.get(name, 0.0) + float(r.stats.get("seconds", 0.0))
+            # a pass's own stages (calibration forwards, statistics, decompositions, ...)
+            for stage, seconds in (r.stats.get("seconds_by_stage") or {}).items():
+                key = f"{name}: {stage}"
+                stages[key] = stages.get(key, 0.0) + float(seconds)
         recipe = self.laps.get("recipe", 0.0)
         out.update(passes)
+        out.update(stages)
         out["recipe other"] = max(0.0, recipe - sum(passes.values()))
         out["total"] = time.perf_counter() - self.started
         return out

@@ -8,19 +8,122 @@ attention mask, two images) gets every input, batch by batch; integer inputs kee
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
+from scipy.linalg.blas import ssyrk
 
 from compressor import runtime
 from compressor.errors import DataError
 from compressor.passes.graph import ConvAttributes
 
 ProgressFn = Callable[[str, int, int], None]
+
+DEFAULT_BATCH_SIZE = 128
+# What one streamed batch of requested intermediate tensors may take: the batch size shrinks
+# below the calibration's so that a model with large activations (ResNet-50 at 224 x 224: ~100
+# MB of conv inputs per image) keeps its peak memory set by the model, not by --calib-samples.
+MAX_BATCH_BYTES = 256 * 2**20
+
+
+class StageClock:
+    """Wall-clock seconds by named stage, accumulated over every entry into it.
+
+    ``with clock("statistics"): ...`` adds the block's time to ``seconds["statistics"]``; the
+    figures go into a pass's ``stats["seconds_by_stage"]`` (the pipeline shows them in its
+    timings). Nested stages are timed both: the outer one includes the inner.
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    @contextmanager
+    def __call__(self, stage: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - started)
+
+
+@contextmanager
+def _timed(clock: StageClock | None, stage: str):
+    if clock is None:
+        yield
+    else:
+        with clock(stage):
+            yield
+
+
+def prefix_model(model: ir.Model | onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``names``, with exactly them as its outputs (a copy:
+    the caller's model is untouched). onnxruntime runs every node of a graph whatever is
+    fetched, so observing an early layer would otherwise pay for the whole network. A graph
+    with subgraphs (If, Loop) is kept whole: a subgraph may read any outer value."""
+    if isinstance(model, ir.Model):
+        proto = ir.serde.serialize_model(model)
+    else:
+        proto = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = proto.graph
+    produced = {o for node in graph.node for o in node.output}
+    available = produced | {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise DataError(f"the model has no tensor named '{missing[0]}' to observe")
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in graph.node for a in node.attribute):
+        present = {o.name for o in graph.output}
+        for name in names:
+            if name not in present:
+                graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+                present.add(name)
+        return proto
+    needed = set(names)
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    initializers = [t for t in graph.initializer if t.name in needed]
+    # every graph input stays: feeds name them all, whether this part reads them or not
+    init_names = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in init_names or v.name in needed]
+    outputs = [onnx.helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names)]
+    sub = onnx.helper.make_graph(kept, graph.name, inputs, outputs, initializers)
+    out = onnx.helper.make_model(sub, opset_imports=proto.opset_import,
+                                 functions=proto.functions)
+    out.ir_version = proto.ir_version
+    return out
+
+
+def _bytes_per_sample(proto: onnx.ModelProto, names: Sequence[str],
+                      input_shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """Bytes of the named tensors for one sample, from static shape inference with the
+    calibration's per-sample input shapes (None where a shape stays unknown)."""
+    from compressor.profile import static_shapes
+
+    try:
+        shapes, _ = static_shapes(proto, batch=1, input_shapes=input_shapes)
+    except Exception:  # noqa: BLE001 - shape inference is an estimate here, never required
+        return None
+    total = 0
+    for name in names:
+        shape = shapes.get(name)
+        if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
+            return None
+        total += 4 * math.prod(shape[1:])  # per sample (axis 0 is the batch), float32
+    return total
 
 
 class Calibration:
@@ -46,7 +149,7 @@ class Calibration:
         self,
         inputs: np.ndarray | Mapping[str, np.ndarray],
         *,
-        batch_size: int = 128,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         provider: str = "cpu",
         progress: ProgressFn | None = None,
     ):
@@ -169,35 +272,54 @@ class Calibration:
         return {name: self._arrays[name] for name in input_names}
 
     def _session_with_outputs(self, model: ir.Model | onnx.ModelProto, names: Iterable[str]):
-        if isinstance(model, ir.Model):
-            model = ir.serde.serialize_model(model)
-        proto = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
-        present = {o.name for o in proto.graph.output}
-        for name in names:
-            if name not in present:
-                proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-                present.add(name)
-        return runtime.session(proto, provider=self.provider)
+        """A session of the part of ``model`` that computes ``names``, and the batch size that
+        keeps one batch of those tensors within ``MAX_BATCH_BYTES``."""
+        names = list(names)
+        proto = prefix_model(model, names)
+        return runtime.session(proto, provider=self.provider), self._batch_size_for(proto, names)
 
-    def _report(self, label: str, start: int) -> None:
+    def _batch_size_for(self, proto: onnx.ModelProto, names: Sequence[str]) -> int:
+        per_sample_inputs = {name: tuple(a.shape[1:]) for name, a in self._arrays.items()}
+        if self._unnamed is not None and len(proto.graph.input) >= 1:
+            init_names = {t.name for t in proto.graph.initializer}
+            first = next((v.name for v in proto.graph.input if v.name not in init_names), None)
+            if first is not None:
+                per_sample_inputs = {first: tuple(self._unnamed.shape[1:])}
+        per_sample = _bytes_per_sample(proto, names, per_sample_inputs)
+        if not per_sample:
+            return self.batch_size
+        return max(1, min(self.batch_size, MAX_BATCH_BYTES // per_sample))
+
+    def _report(self, label: str, done: int) -> None:
         if self.progress is not None:
             total = len(self)
-            self.progress(label, min(start + self.batch_size, total), total)
+            self.progress(label, min(done, total), total)
 
     def stream(
         self,
-        model: ir.Model,
+        model: ir.Model | onnx.ModelProto,
         value_names: list[str],
         consume: Callable[[dict[str, np.ndarray]], None],
         label: str = "calibrating",
+        clock: StageClock | None = None,
+        stage: str = "calibration",
     ) -> None:
-        """Run the model batch by batch; call ``consume`` with the named tensors of each batch."""
-        sess = self._session_with_outputs(model, value_names)
+        """Run the model batch by batch; call ``consume`` with the named tensors of each batch.
+
+        Only the part of the model those tensors need runs, in batches no larger than the
+        calibration's batch size nor than ``MAX_BATCH_BYTES`` of requested tensors allow, so
+        memory holds one batch whatever the number of samples. With ``clock``, the forward
+        passes add to ``"<stage> forward"`` and ``consume`` to ``"<stage> statistics"``."""
+        sess, size = self._session_with_outputs(model, value_names)
         wanted = [i.name for i in sess.get_inputs()]
-        for i, feed in enumerate(self.feeds(input_names=wanted)):
-            outputs = sess.run(value_names, feed)
-            consume(dict(zip(value_names, outputs, strict=True)))
-            self._report(label, i * self.batch_size)
+        done = 0
+        for feed in self.feeds(size, input_names=wanted):
+            with _timed(clock, f"{stage} forward"):
+                outputs = sess.run(value_names, feed)
+            with _timed(clock, f"{stage} statistics"):
+                consume(dict(zip(value_names, outputs, strict=True)))
+            done += len(next(iter(feed.values())))
+            self._report(label, done)
 
     def stream_pair(
         self,
@@ -205,17 +327,26 @@ class Calibration:
         second: tuple[ir.Model | onnx.ModelProto, list[str]],
         consume: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None],
         label: str = "calibrating",
+        clock: StageClock | None = None,
+        stage: str = "calibration",
     ) -> None:
         """Run two models on the same batches (e.g. the original and the partly compressed
-        one) and call ``consume`` with both sets of named tensors."""
-        sessions = [self._session_with_outputs(m, names) for m, names in (first, second)]
-        feeds = [self.feeds(input_names=[i.name for i in s.get_inputs()]) for s in sessions]
-        for i, pair in enumerate(zip(*feeds, strict=True)):
+        one) and call ``consume`` with both sets of named tensors (batches sized for both)."""
+        made = [self._session_with_outputs(m, names) for m, names in (first, second)]
+        sessions = [sess for sess, _ in made]
+        size = min(batch for _, batch in made)
+        feeds = [self.feeds(size, input_names=[i.name for i in s.get_inputs()])
+                 for s in sessions]
+        done = 0
+        for pair in zip(*feeds, strict=True):
             got = []
-            for sess, feed, (_, names) in zip(sessions, pair, (first, second), strict=True):
-                got.append(dict(zip(names, sess.run(names, feed), strict=True)))
-            consume(*got)
-            self._report(label, i * self.batch_size)
+            with _timed(clock, f"{stage} forward"):
+                for sess, feed, (_, names) in zip(sessions, pair, (first, second), strict=True):
+                    got.append(dict(zip(names, sess.run(names, feed), strict=True)))
+            with _timed(clock, f"{stage} statistics"):
+                consume(*got)
+            done += len(next(iter(pair[0].values())))
+            self._report(label, done)
 
     def collect(self, model: ir.Model, value_names: list[str]) -> dict[str, np.ndarray]:
         """The named intermediate tensors on every calibration input, concatenated on axis 0."""
@@ -227,6 +358,17 @@ class Calibration:
 
         self.stream(model, value_names, keep)
         return {name: np.concatenate(arrays, axis=0) for name, arrays in parts.items()}
+
+
+def gram(rows: np.ndarray) -> np.ndarray:
+    """``rows.T @ rows`` in float64, computed in float32 by BLAS's symmetric rank-k update
+    (ssyrk: half the multiplications of a general product, every core)."""
+    rows32 = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows32.shape[0] == 0:
+        return np.zeros((rows32.shape[1], rows32.shape[1]))
+    upper = ssyrk(1.0, rows32.T, trans=0)  # rows32.T is Fortran-ordered: no copy
+    upper = upper.astype(np.float64)
+    return upper + np.triu(upper, 1).T
 
 
 @dataclass
@@ -242,10 +384,10 @@ class Moments:
         return cls(0, np.zeros(dim), np.zeros((dim, dim)))
 
     def add(self, rows: np.ndarray) -> None:
-        rows64 = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        rows32 = np.ascontiguousarray(rows, dtype=np.float32)
         self.count += rows.shape[0]
-        self.total += rows64.sum(0, dtype=torch.float64).numpy()
-        self.outer += (rows64.T @ rows64).double().numpy()
+        self.total += rows32.sum(0, dtype=np.float64)
+        self.outer += gram(rows32)
 
     @property
     def mean(self) -> np.ndarray:
@@ -282,7 +424,7 @@ class CrossMoments:
         self.total += x.sum(0, dtype=torch.float64).numpy()
         self.total_hat += xh.sum(0, dtype=torch.float64).numpy()
         self.cross += (x.T @ xh).double().numpy()
-        self.outer_hat += (xh.T @ xh).double().numpy()
+        self.outer_hat += gram(xh.numpy())
 
     @property
     def mean(self) -> np.ndarray:
@@ -307,11 +449,13 @@ def conv_patches(
     attrs: ConvAttributes,
     max_rows: int | None = None,
     rng: np.random.Generator | None = None,
+    index: np.ndarray | None = None,
 ) -> np.ndarray:
     """im2col rows of a 2-D Conv input: (rows, C * kh * kw), channel-major like the flattened
     ONNX weight, so ``patches @ W.reshape(M, -1).T`` is the convolution at those positions.
 
-    Every output position of every sample, or a random subset of ``max_rows`` of them,
+    Every output position of every sample, a random subset of ``max_rows`` of them, or the
+    rows ``index`` names (flat: sample * positions + position, see ``sampled_rows``),
     gathered directly (never materialising the full im2col matrix).
     """
     top, left, bottom, right = attrs.pads
@@ -322,7 +466,9 @@ def conv_patches(
     h_out = (h - dh * (kh - 1) - 1) // sh + 1
     w_out = (w - dw * (kw - 1) - 1) // sw + 1
     total = n * h_out * w_out
-    if max_rows is not None and total > max_rows:
+    if index is not None:
+        flat = np.asarray(index)
+    elif max_rows is not None and total > max_rows:
         rng = rng or np.random.default_rng(0)
         flat = rng.choice(total, size=max_rows, replace=False)
     else:
@@ -339,3 +485,24 @@ def conv_patches(
 def feature_rows(x: np.ndarray) -> np.ndarray:
     """Rows of a Gemm/MatMul input: everything but the last axis is a sample axis."""
     return x.reshape(-1, x.shape[-1])
+
+
+def conv_output_positions(x_shape: Sequence[int], attrs: ConvAttributes) -> int:
+    """Output positions per sample of a 2-D Conv reading a tensor of ``x_shape``."""
+    top, left, bottom, right = attrs.pads
+    h, w = x_shape[2] + top + bottom, x_shape[3] + left + right
+    (kh, kw), (sh, sw), (dh, dw) = attrs.kernel, attrs.strides, attrs.dilations
+    return ((h - dh * (kh - 1) - 1) // sh + 1) * ((w - dw * (kw - 1) - 1) // sw + 1)
+
+
+def sampled_rows(first_sample: int, samples: int, positions: int, per_sample: int | None,
+                 seed: int) -> np.ndarray:
+    """Flat row indices (sample * positions + position, within the batch) of at most
+    ``per_sample`` positions of each sample, drawn with a generator seeded by the sample's
+    index in the calibration set: the same rows whatever the batches are, so statistics do
+    not depend on the batch size (``None``: every row)."""
+    if per_sample is None or positions <= per_sample:
+        return np.arange(samples * positions)
+    picks = [np.random.default_rng((seed, first_sample + j)).choice(
+        positions, size=per_sample, replace=False) + j * positions for j in range(samples)]
+    return np.concatenate(picks)

@@ -20,11 +20,15 @@ import onnx_ir as ir
 
 from compressor.passes.base import LayerRecord
 from compressor.passes.calibrate import (
+    DEFAULT_BATCH_SIZE,
     Calibration,
     CrossMoments,
     Moments,
+    StageClock,
+    conv_output_positions,
     conv_patches,
     feature_rows,
+    sampled_rows,
 )
 from compressor.passes.graph import (
     ConvAttributes,
@@ -183,6 +187,7 @@ def survey(
     calibration: Calibration | None,
     max_rows_per_batch: int = 20000,
     seed: int = 0,
+    clock: StageClock | None = None,
 ) -> Survey:
     """Shapes, MACs, the factorisable layers (and why others are not), and, with calibration
     data, every layer's input statistics in one run."""
@@ -191,8 +196,15 @@ def survey(
     total_macs = profile_model(proto).macs
     layers, skipped = find_linear_layers(model, shapes)
     moments = ({} if calibration is None
-               else gather_moments(calibration, model, layers, max_rows_per_batch, seed))
+               else gather_moments(calibration, model, layers, max_rows_per_batch, seed, clock))
     return Survey(proto, total_macs, layers, skipped, moments)
+
+
+def rows_per_sample(max_rows_per_batch: int) -> int:
+    """Rows drawn from each sample: ``max_rows_per_batch`` spread over a batch of the default
+    size. Per sample, not per batch, so the statistics do not depend on how the calibration
+    set is batched."""
+    return max(1, math.ceil(max_rows_per_batch / DEFAULT_BATCH_SIZE))
 
 
 def layer_rows(
@@ -200,17 +212,32 @@ def layer_rows(
     x: np.ndarray,
     max_rows: int | None = None,
     rng: np.random.Generator | None = None,
+    index: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The input vectors the layer's W multiplies (im2col patches for a Conv), at most
-    ``max_rows`` of them drawn at random."""
+    """The input vectors the layer's W multiplies (im2col patches for a Conv): all of them,
+    at most ``max_rows`` drawn at random, or the rows ``index`` names (``batch_rows``)."""
     if layer.kind == "conv":
         assert layer.conv is not None
-        return conv_patches(x, layer.conv, max_rows, rng)
+        return conv_patches(x, layer.conv, max_rows, rng, index)
     rows = feature_rows(x)
+    if index is not None:
+        return rows[index]
     if max_rows is not None and rows.shape[0] > max_rows:
         rng = rng or np.random.default_rng(0)
         rows = rows[rng.choice(rows.shape[0], max_rows, replace=False)]
     return rows
+
+
+def batch_rows(layer: LinearLayer, x: np.ndarray, first_sample: int, per_sample: int,
+               seed: int) -> np.ndarray:
+    """Which rows of the layer's input vectors of a batch to use: ``per_sample`` positions of
+    each sample, drawn per sample (``sampled_rows``)."""
+    if layer.kind == "conv":
+        assert layer.conv is not None
+        positions = conv_output_positions(x.shape, layer.conv)
+    else:
+        positions = math.prod(x.shape[1:-1])
+    return sampled_rows(first_sample, x.shape[0], positions, per_sample, seed)
 
 
 def gather_moments(
@@ -219,26 +246,33 @@ def gather_moments(
     layers: Sequence[LinearLayer],
     max_rows_per_batch: int = 20000,
     seed: int = 0,
+    clock: StageClock | None = None,
 ) -> dict[str, Moments]:
     """Mean and second moment of each layer's input vectors over the calibration set.
 
-    Convolution inputs give (batch x positions) patch rows per batch; to bound the cost, a
-    seeded random subset of at most ``max_rows_per_batch`` rows per batch is used.
+    Streamed: one batch of the layers' inputs at a time. Convolution inputs give positions x
+    samples patch rows; to bound the cost, a seeded random subset of positions of each
+    sample is used (``rows_per_sample``), the same whatever the batch size.
     """
-    rng = np.random.default_rng(seed)
+    per_sample = rows_per_sample(max_rows_per_batch)
     moments = {layer.name: Moments.zeros(layer.fan_in) for layer in layers}
     by_input: dict[str, list[LinearLayer]] = {}
     for layer in layers:
         by_input.setdefault(layer.input_name, []).append(layer)
+    seen = [0]
 
     def consume(batch: dict[str, np.ndarray]) -> None:
+        first = seen[0]
         for value_name, users in by_input.items():
             x = batch[value_name]
             for layer in users:
-                rows = layer_rows(layer, x, max_rows_per_batch, rng)
-                moments[layer.name].add(rows)
+                index = batch_rows(layer, x, first, per_sample, seed)
+                moments[layer.name].add(layer_rows(layer, x, index=index))
+            seen[0] = first + len(x)
 
-    calibration.stream(model, list(by_input), consume, label="input statistics")
+    if by_input:
+        calibration.stream(model, list(by_input), consume, label="input statistics",
+                           clock=clock, stage="survey")
     return moments
 
 
@@ -251,31 +285,34 @@ def gather_cross_moments(
     seed: int = 0,
     current_value: str | None = None,
     current_conv: ConvAttributes | None = None,
+    clock: StageClock | None = None,
+    label: str | None = None,
 ) -> CrossMoments:
     """Paired statistics at the same output positions of the same inputs: the layer's input
     rows in the original model, and in the current (partly compressed) one either the same
     tensor or ``current_value`` read with ``current_conv``'s window (e.g. the hidden tensor of
-    a factorised layer, to refit its second stage)."""
+    a factorised layer, to refit its second stage). Streamed batch by batch; each model runs
+    only as far as the tensor it is asked for."""
     name = layer.input_name
     now_name = current_value or name
     moments = CrossMoments.zeros(layer.fan_in, None if current_value is None else
                                  _window_size(current_conv, current, now_name))
-    batch_index = [0]
+    per_sample = rows_per_sample(max_rows_per_batch)
+    seen = [0]
 
     def consume(ref: dict[str, np.ndarray], now: dict[str, np.ndarray]) -> None:
-        batch_seed = seed + batch_index[0]
-        batch_index[0] += 1
-        rows = layer_rows(layer, ref[name], max_rows_per_batch, np.random.default_rng(batch_seed))
+        first = seen[0]
+        seen[0] += len(ref[name])
+        index = batch_rows(layer, ref[name], first, per_sample, seed)
+        rows = layer_rows(layer, ref[name], index=index)
         if current_conv is not None:
-            rows_hat = conv_patches(now[now_name], current_conv, max_rows_per_batch,
-                                    np.random.default_rng(batch_seed))
+            rows_hat = conv_patches(now[now_name], current_conv, index=index)
         else:
-            rows_hat = layer_rows(layer, now[now_name], max_rows_per_batch,
-                                  np.random.default_rng(batch_seed))
+            rows_hat = layer_rows(layer, now[now_name], index=index)
         moments.add(rows, rows_hat)
 
     calibration.stream_pair((original, [name]), (current, [now_name]), consume,
-                            label=f"refit {layer.name}")
+                            label=label or f"refit {layer.name}", clock=clock, stage="refit")
     return moments
 
 

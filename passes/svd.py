@@ -42,7 +42,7 @@ from compressor.latency import (
 )
 from compressor.passes.base import Pass, PassConfig, PassResult
 from compressor.passes.budget import EXCLUDED_REASON, Option, allocate
-from compressor.passes.calibrate import Calibration, CrossMoments
+from compressor.passes.calibrate import Calibration, CrossMoments, StageClock
 from compressor.passes.graph import (
     ConvAttributes,
     NameScope,
@@ -151,7 +151,8 @@ class LowRankSVDPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         cfg: SVDConfig = self.config
-        found = survey(model, self.calibration, cfg.max_rows_per_batch, cfg.seed)
+        clock = StageClock()
+        found = survey(model, self.calibration, cfg.max_rows_per_batch, cfg.seed, clock)
         proto, total_macs, layers, moments = found.proto, found.total_macs, found.layers, found.moments
         records = found.skipped
         notes: list[str] = []
@@ -165,7 +166,9 @@ class LowRankSVDPass(Pass):
                 continue
             m = moments.get(layer.name)
             cov = m.covariance if m is not None else np.eye(layer.fan_in)
-            analyses[layer.name] = _LayerAnalysis(layer, cov, None if m is None else m.mean, cfg)
+            with clock("decompositions"):
+                analyses[layer.name] = _LayerAnalysis(layer, cov, None if m is None else m.mean,
+                                                      cfg)
 
         outside_macs = total_macs - sum(layer.dense_macs for layer in layers)
         fixed_macs = total_macs - sum(a.layer.dense_macs for a in analyses.values())
@@ -182,7 +185,8 @@ class LowRankSVDPass(Pass):
             while True:
                 for analysis in analyses.values():
                     analysis.multiple = multiple
-                allocation = allocate([a.options() for a in analyses.values()], budget)
+                with clock("rank options"):
+                    allocation = allocate([a.options() for a in analyses.values()], budget)
                 if allocation.feasible or multiple == 1:
                     break
                 multiple = max(1, multiple // 2)
@@ -201,6 +205,8 @@ class LowRankSVDPass(Pass):
         basis = "calibration" if data_aware else "weights"
         sequential = data_aware and cfg.sequential
         upstream_changed = False
+        to_write = sum(1 for layer in layers if chosen.get(layer.name) is not None)
+        written = 0
         for layer in layers:
             if layer.name in cfg.exclude:
                 records.append(layer.record(skipped=EXCLUDED_REASON, error=0.0))
@@ -223,15 +229,20 @@ class LowRankSVDPass(Pass):
             # would fit the calibration set and nothing else.
             enough = self.calibration is not None and (
                 len(self.calibration) * layer.positions >= MIN_ROWS_PER_FEATURE * layer.fan_in)
+            written += 1
+            label = f"refit layer {written}/{to_write}: {layer.name}"
             if sequential and upstream_changed and choice.scheme == "channel" and enough:
                 paired = gather_cross_moments(self.calibration, proto, model, layer,
-                                              cfg.max_rows_per_batch, cfg.seed)
-                macs, params, shape_after, detail, error = analysis.apply_asymmetric(
-                    model, choice, names, paired)
+                                              cfg.max_rows_per_batch, cfg.seed, clock=clock,
+                                              label=label)
+                with clock("refit solve"):
+                    macs, params, shape_after, detail, error = analysis.apply_asymmetric(
+                        model, choice, names, paired)
             else:
-                macs, params, shape_after, detail = analysis.apply(model, choice, names)
+                with clock("rewrite"):
+                    macs, params, shape_after, detail = analysis.apply(model, choice, names)
                 if sequential and choice.scheme == "spatial" and enough:
-                    error = analysis.refit_spatial(model, self.calibration, proto)
+                    error = analysis.refit_spatial(model, self.calibration, proto, clock, label)
                     detail += ", refit"
             upstream_changed = True
             records.append(layer.record(
@@ -246,7 +257,8 @@ class LowRankSVDPass(Pass):
             notes=notes,
             stats={"macs_before": total_macs, "macs_after": macs_after,
                    "ratio_reached": macs_after / total_macs if total_macs else 1.0,
-                   "data_aware": data_aware, **latency_stats},
+                   "data_aware": data_aware, **latency_stats,
+                   "seconds_by_stage": clock.seconds},
         )
 
     def _choose_by_latency(self, proto: onnx.ModelProto, analyses: dict[str, _LayerAnalysis],
@@ -558,7 +570,8 @@ class _LayerAnalysis:
         return self._spatial_macs(r), params, tuple(vertical.shape), f"spatial rank {r}"
 
     def refit_spatial(self, model: ir.Model, calibration: Calibration,
-                      original: onnx.ModelProto) -> float:
+                      original: onnx.ModelProto, clock: StageClock | None = None,
+                      label: str | None = None) -> float:
         """Keep the vertical k x 1 stage; solve the horizontal 1 x k stage and the bias by
         least squares so the layer's output on the compressed network's inputs matches the
         original layer's output on the original inputs. Returns the relative output error."""
@@ -566,7 +579,8 @@ class _LayerAnalysis:
         hidden, h_attrs, weight_value, bias_value = self._spatial_nodes
         paired = gather_cross_moments(calibration, original, model, layer,
                                       cfg.max_rows_per_batch, cfg.seed,
-                                      current_value=hidden, current_conv=h_attrs)
+                                      current_value=hidden, current_conv=h_attrs,
+                                      clock=clock, label=label)
         w = layer.weight
         cov_z = paired.covariance_hat
         cross_yz = w @ paired.cross_covariance  # Cov(y, z) with y = W x

@@ -309,7 +309,11 @@ def test_without_speedup_nothing_is_timed(lenet5):
     timed = LowRankSVDPass(SVDConfig(ratio=0.5), latency=table)(_ir(lenet5))
     plain = LowRankSVDPass(SVDConfig(ratio=0.5))(_ir(lenet5))
     assert (table.hits, table.misses) == (0, 0)
-    assert timed.stats == plain.stats and "predicted_latency_ms" not in timed.stats
+    def untimed(stats):  # wall-clock seconds differ run to run
+        return {k: v for k, v in stats.items() if k != "seconds_by_stage"}
+
+    assert untimed(timed.stats) == untimed(plain.stats)
+    assert "predicted_latency_ms" not in timed.stats
     assert [r.as_dict() for r in timed.layers] == [r.as_dict() for r in plain.layers]
     assert all(r.latency_before_ms is None for r in timed.layers)
 
