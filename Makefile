@@ -74,6 +74,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/bench_lsh_conv.py
 	$(PY) bench/bench_sweep.py
 	$(PY) bench/bench_latency.py
+	$(PY) bench/bench_real_graphs.py
 
 clean:
 	rm -rf build $(VENV)

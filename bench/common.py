@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ROOT / "docs" / "benchmarks"
 REPORT = ROOT / "docs" / "BENCHMARKS.md"
-ORDER = ["compression", "latency", "diffconv"]
+ORDER = ["compression", "latency", "real_graphs", "diffconv"]
 
 
 def machine_line() -> str:
