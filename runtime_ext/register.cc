@@ -9,6 +9,7 @@
 #include "ops/diffconv/diffconv.h"
 #include "ops/lsh_conv/lsh_conv.h"
 #include "ops/lsh_window_conv/lsh_window_conv.h"
+#include "ops/winograd_conv/winograd_conv.h"
 
 namespace {
 
@@ -43,6 +44,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     compressor::AddLshConvCuda(domain);
     compressor::AddLshWindowConvCpu(domain);
     compressor::AddLshWindowConvCuda(domain);
+    compressor::AddWinogradConvCpu(domain);
     Ort::UnownedSessionOptions(options).Add(static_cast<OrtCustomOpDomain*>(domain));
     KeepAlive(std::move(domain));
   });
