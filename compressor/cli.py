@@ -193,6 +193,10 @@ def main():
     "--threshold", type=float, help="diffconv: skip input differences with |d| <= threshold."
 )
 @click.option(
+    "--tolerance", type=float, default=1e-4, show_default=True,
+    help="fast-conv: the largest relative output error (fp32) an algorithm may have on a layer.",
+)
+@click.option(
     "--criterion",
     default="l1",
     show_default=True,
@@ -260,6 +264,7 @@ def compress_command(
     sketch_rows,
     no_refit,
     threshold,
+    tolerance,
     criterion,
     global_ranking,
     min_channels_fraction,
@@ -302,6 +307,7 @@ def compress_command(
         sketch_rows=sketch_rows,
         refit=not no_refit,
         threshold=threshold,
+        tolerance=tolerance,
         criterion=criterion,
         ranking="global" if global_ranking else "per-layer",
         min_channels_fraction=min_channels_fraction,

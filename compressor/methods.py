@@ -95,6 +95,17 @@ def _lsh_window(opts, calibration, latency=None, exclude=frozenset()):
     return [LSHWindowConvPass(cfg, calibration)]
 
 
+def _fast_conv(opts, calibration, latency=None, exclude=frozenset()):
+    from compressor.latency import LatencyContext, LatencyTable
+    from compressor.passes.fast_conv import FastConvConfig, FastConvPass
+
+    # Always by measured time (the fastest algorithm per layer), whether or not --speedup asks.
+    if latency is None:
+        latency = LatencyTable(LatencyContext(opts.provider, opts.threads, opts.batch))
+    cfg = FastConvConfig(tolerance=opts.tolerance, exclude=frozenset(exclude))
+    return [FastConvPass(cfg, calibration, latency=latency)]
+
+
 METHODS: dict[str, Method] = {
     "svd": Method("svd", "low-rank factorisation (channel or spatial SVD, data-aware)", _svd,
                   chooses_by_latency=True),
@@ -109,6 +120,9 @@ METHODS: dict[str, Method] = {
                        "op (runtime_ext; needs --data)", _lsh_conv),
     "lsh-window": Method("lsh-window", "grouping similar input windows by LSH, LSHWindowConv "
                          "custom op (runtime_ext; needs --data)", _lsh_window),
+    "fast-conv": Method("fast-conv", "per layer, the fastest convolution algorithm by measured "
+                        "latency (Winograd F(2x2)/F(4x4) custom op, runtime_ext) within "
+                        "--tolerance", _fast_conv),
 }
 
 

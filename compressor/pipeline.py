@@ -68,6 +68,7 @@ class CompressOptions:
     refit: bool = True
     # diffconv
     threshold: float | None = None
+    tolerance: float = 1e-4  # fast-conv: the largest relative error an algorithm may add
     # prune and lsh (refit above applies to them too)
     criterion: str = "l1"
     ranking: str = "global"

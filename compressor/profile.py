@@ -73,7 +73,7 @@ MAC_COUNTERS: dict[tuple[str, str], MacCounter] = {}
 
 # Modules that register the MAC counters of our custom ops (domain ai.compressor); imported on
 # first use so that profiling a compressed model counts them whoever imported what.
-CUSTOM_OP_COUNTER_MODULES = ("compressor.passes.diffconv",)
+CUSTOM_OP_COUNTER_MODULES = ("compressor.passes.diffconv", "compressor.passes.fast_conv")
 
 
 def _load_custom_op_counters() -> None:

@@ -1,0 +1,318 @@
+"""Fast convolution algorithms chosen per layer by measured latency (``--method fast-conv``).
+
+Like cuDNN's algorithm search, every Conv is timed as ORT's own Conv and as each algorithm that
+applies to it, on the layer's real input shape at ``--batch``, through the project's one timing
+mechanism (``compressor.latency.LatencyTable``, cached on disk); each algorithm's error is the
+layer's relative output error against ORT's Conv on calibration activations (random inputs
+without ``--data``). The fastest algorithm whose error is within ``tolerance`` is kept; where
+ORT's Conv is fastest the layer stays as it is, and so does every layer no algorithm supports
+(the record says why).
+
+Algorithms: ``ai.compressor::WinogradConv`` (runtime_ext/ops/winograd_conv), F(2x2,3x3) and
+F(4x4,3x3), for 3x3 stride-1, dilation-1, group-1 convolutions. It takes the Conv's own
+weights and transforms them once, when onnxruntime creates the session (the graph keeps the
+readable Conv weights, so passes after this one can still rewrite them; the cost is paid at
+load, not per run). ``reference_winograd`` is the numpy statement of the algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper
+
+from compressor import runtime
+from compressor.errors import OptionError
+from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
+from compressor.passes.diffconv import CalibrationSource, ConvGeometry, _eligibility
+from compressor.profile import register_mac_counter
+from compressor.runtime import OP_DOMAIN, OP_DOMAIN_VERSION
+
+OP_TYPE = "WinogradConv"
+DEFAULT_TOLERANCE = 1e-4
+# Calibration samples a layer's error is measured on.
+CALIBRATION_SAMPLES = 16
+# Algorithm name -> WinogradConv tile; "conv" is ORT's Conv.
+ALGORITHMS = {"winograd2": 2, "winograd4": 4}
+LABELS = {"conv": "Conv", "winograd2": "Winograd F(2x2,3x3)", "winograd4": "Winograd F(4x4,3x3)"}
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+
+# Lavin & Gray's transforms: Y = A^T [(G g G^T) * (B^T d B)] A per tile.
+MATRICES = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], float),
+        np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], float),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float)),
+    4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], float),
+        np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], float),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                  [0, 1, -1, 8, -8, 1]], float)),
+}
+
+
+def reference_winograd(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None,
+                       pads: tuple[int, int, int, int] = (0, 0, 0, 0), tile: int = 4,
+                       dtype=np.float64) -> np.ndarray:
+    """WinogradConv as numpy, every stage in ``dtype``: input transform, the alpha^2
+    tuple-wise products over channels, output transform. Returns Y [N, M, OH, OW]."""
+    bt, g, at = (mat.astype(dtype) for mat in MATRICES[tile])
+    m, alpha = tile, tile + 2
+    n, c, h, wd = x.shape
+    top, left, bottom, right = pads
+    oh, ow = h + top + bottom - 2, wd + left + right - 2
+    if oh < 1 or ow < 1:
+        raise ValueError("the 3x3 kernel does not fit the padded input")
+    th, tw = -(-oh // m), -(-ow // m)
+    xp = np.zeros((n, c, th * m + 2, tw * m + 2), dtype)
+    rows, cols = min(h + top, th * m + 2), min(wd + left, tw * m + 2)
+    xp[:, :, top:rows, left:cols] = x[:, :, :rows - top, :cols - left]
+    s = xp.strides
+    d = np.lib.stride_tricks.as_strided(  # [N, C, th, tw, alpha, alpha]
+        xp, (n, c, th, tw, alpha, alpha), (s[0], s[1], s[2] * m, s[3] * m, s[2], s[3]))
+    v = np.einsum("ia,nctwab,jb->ijntwc", bt, d, bt)           # input transform
+    u = np.einsum("ia,kcab,jb->ijck", g, w.astype(dtype), g)   # weight transform
+    p = np.matmul(v.reshape(alpha, alpha, -1, c), u)           # tuple-wise GEMMs
+    p = p.reshape(alpha, alpha, n, th, tw, -1)
+    y = np.einsum("ia,abntwk,jb->nktiwj", at, p, at)           # output transform
+    y = y.reshape(n, -1, th * m, tw * m)[:, :, :oh, :ow]
+    if bias is not None:
+        y = y + bias.astype(dtype)[:, None, None]
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# MAC counter
+
+
+@register_mac_counter(OP_TYPE, domain=OP_DOMAIN)
+def _winograd_macs(node, shapes, inits) -> int:
+    """The multiply-adds WinogradConv performs: its alpha^2 GEMMs over every (partial) tile,
+    N * tiles * alpha^2 * C * M (the transforms are mostly additions and are not counted).
+
+    ONNX shape inference does not know WinogradConv: the output size comes from the input's."""
+    attributes = {a.name: a for a in node.attribute}
+    w = shapes.get(node.input[1])
+    x = shapes.get(node.input[0])
+    if w is None or len(w) != 4 or x is None or len(x) != 4:
+        return 0
+    tile = attributes["tile"].i if "tile" in attributes else 4
+    pads = list(attributes["pads"].ints) if "pads" in attributes else [0, 0, 0, 0]
+    oh, ow = x[2] + pads[0] + pads[2] - 2, x[3] + pads[1] + pads[3] - 2
+    if not all(isinstance(v, int) for v in (oh, ow)) or oh < 1 or ow < 1:
+        return 0
+    tiles = math.ceil(oh / tile) * math.ceil(ow / tile)
+    return tiles * (tile + 2) ** 2 * w[1] * w[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass
+
+
+@dataclass(frozen=True)
+class FastConvConfig(PassConfig):
+    """``tolerance``: the largest relative output error an algorithm may have on the layer
+    (||y - y_conv|| / ||y_conv||, fp32). ``algorithms``: which to try besides ORT's Conv."""
+
+    tolerance: float = DEFAULT_TOLERANCE
+    algorithms: tuple[str, ...] = tuple(ALGORITHMS)
+    exclude: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        if not (self.tolerance >= 0 and math.isfinite(self.tolerance)):
+            raise OptionError(f"fast-conv: --tolerance must be a finite number >= 0, got "
+                              f"{self.tolerance}")
+        unknown = [a for a in self.algorithms if a not in ALGORITHMS]
+        if unknown:
+            raise OptionError(f"fast-conv: unknown algorithm(s) {', '.join(unknown)}: choose from "
+                              + ", ".join(ALGORITHMS))
+
+
+def unsupported_reason(node: ir.Node) -> tuple[ConvGeometry | None, np.ndarray | None, str | None]:
+    """(geometry, weight, None) for a Conv WinogradConv computes, else (None, None, reason)."""
+    candidate, reason = _eligibility(node)  # DiffConv's checks: constant 2-D float32, group 1
+    if candidate is None:
+        return None, None, reason.replace("DiffConv", OP_TYPE)
+    geometry, weight = candidate.geometry, candidate.weight
+    if weight.shape[2:] != (3, 3):
+        return None, None, f"kernel {weight.shape[2]}x{weight.shape[3]}: Winograd needs 3x3"
+    if geometry.strides != (1, 1):
+        return None, None, f"strides {list(geometry.strides)}: Winograd needs stride 1"
+    if geometry.dilations != (1, 1):
+        return None, None, f"dilations {list(geometry.dilations)}: Winograd needs dilation 1"
+    return geometry, weight, None
+
+
+def _layer_nodes(algorithm: str, geometry: ConvGeometry, has_bias: bool, activation,
+                 ) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray], str]:
+    from compressor.latency import activation_nodes
+
+    inputs = ["x", "w"] + (["b"] if has_bias else [])
+    pads = list(geometry.pads)
+    if algorithm == "conv":
+        node = helper.make_node("Conv", inputs, ["z"], name="layer", kernel_shape=[3, 3],
+                                pads=pads, strides=[1, 1], dilations=[1, 1])
+    else:
+        node = helper.make_node(OP_TYPE, inputs, ["z"], name="layer", domain=OP_DOMAIN,
+                                pads=pads, tile=ALGORITHMS[algorithm])
+    act, inits, out = activation_nodes(activation, "z", "y")
+    return [node, *act], inits, out
+
+
+class FastConvPass(Pass):
+    """Replace each Conv by its fastest algorithm within tolerance (``--method fast-conv``)."""
+
+    name = "fast-conv"
+    config_class = FastConvConfig
+
+    def __init__(self, config: FastConvConfig | None = None,
+                 calibration: CalibrationSource | None = None, latency=None):
+        super().__init__(config)
+        self.calibration = calibration
+        self.latency = latency
+
+    def call(self, model: ir.Model) -> PassResult:
+        from compressor.latency import LatencyTable
+
+        if self.latency is None:
+            self.latency = LatencyTable()
+        config: FastConvConfig = self.config
+        graph = model.graph
+        opset = model.opset_imports.get("", 18)
+        records: list[LayerRecord] = []
+        layers = []
+        for node in list(graph):
+            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+                continue
+            name = node.name or f"Conv_{len(records) + len(layers)}"
+            if name in config.exclude:
+                records.append(LayerRecord(name=name, op="Conv", skipped="excluded"))
+                continue
+            geometry, weight, reason = unsupported_reason(node)
+            if reason is not None:
+                records.append(LayerRecord(name=name, op="Conv",
+                                           skipped=f"kept ORT's Conv: {reason}"))
+                continue
+            layers.append((name, node, geometry, weight))
+
+        activations: dict[str, np.ndarray] = {}
+        if self.calibration is not None and layers:
+            activations = self.calibration.collect(model, [n.inputs[0].name for _, n, _, _ in layers])
+        for name, node, geometry, weight in layers:
+            records.append(self._choose(graph, name, node, geometry, weight, opset,
+                                        activations.get(node.inputs[0].name)))
+
+        changed = [r for r in records if r.skipped is None]
+        if changed:
+            model.opset_imports[OP_DOMAIN] = OP_DOMAIN_VERSION
+        stats = {
+            "replaced": len(changed),
+            "kept": len(records) - len(changed),
+            "macs_before": sum(r.macs_before for r in changed),
+            "macs_after": sum(r.macs_after for r in changed),
+        }
+        return PassResult(model=model, modified=bool(changed), layers=records, stats=stats)
+
+    def _choose(self, graph: ir.Graph, name: str, node: ir.Node, geometry: ConvGeometry,
+                weight: np.ndarray, opset: int, activation_input: np.ndarray | None) -> LayerRecord:
+        from compressor.latency import candidate_model, filler, fused_activation
+
+        config: FastConvConfig = self.config
+        table = self.latency
+        has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+        bias = None
+        if has_bias:
+            bias_tensor = ir.convenience.get_const_tensor(node.inputs[2])
+            if bias_tensor is None:
+                return LayerRecord(name=name, op="Conv", skipped="kept ORT's Conv: bias is not a "
+                                   "constant")
+            bias = bias_tensor.numpy().astype(np.float32)
+        in_shape = node.inputs[0].shape
+        if activation_input is not None:
+            chw = tuple(int(d) for d in activation_input.shape[1:])
+        elif in_shape is not None and len(in_shape) == 4 and all(isinstance(d, int) for d in in_shape[1:]):
+            chw = tuple(int(d) for d in in_shape[1:])
+        else:
+            return LayerRecord(name=name, op="Conv", skipped="kept ORT's Conv: input shape unknown")
+        m, c = weight.shape[:2]
+        oh = chw[1] + geometry.pads[0] + geometry.pads[2] - 2
+        ow = chw[2] + geometry.pads[1] + geometry.pads[3] - 2
+        opsets = [helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_DOMAIN_VERSION)]
+        fused = fused_activation(node)
+
+        # Time every algorithm as it will run (with the activation ORT fuses into its Conv).
+        times: dict[str, float] = {}
+        for algorithm in ("conv", *config.algorithms):
+            nodes, inits, out = _layer_nodes(algorithm, geometry, has_bias, fused)
+            inits.update({"w": filler(weight.shape)})
+            if has_bias:
+                inits["b"] = filler((m,))
+            proto = candidate_model(nodes, {"x": ((table.context.batch, *chw), np.float32)},
+                                    {out: (None, np.float32)}, inits, opsets)
+            times[algorithm] = float(table.time(proto))
+
+        # Each algorithm's error against ORT's Conv on the layer's real inputs.
+        if activation_input is not None:
+            x = np.ascontiguousarray(activation_input[:CALIBRATION_SAMPLES], dtype=np.float32)
+            basis = "calibration"
+        else:
+            x = np.random.default_rng(0).standard_normal((4, *chw)).astype(np.float32)
+            basis = "random"
+        outputs = {}
+        for algorithm in ("conv", *config.algorithms):
+            nodes, _, _ = _layer_nodes(algorithm, geometry, has_bias, None)
+            inits = {"w": weight} | ({"b": bias} if has_bias else {})
+            proto = candidate_model(nodes, {"x": (x.shape, np.float32)}, {"z": (None, np.float32)},
+                                    inits, opsets)
+            outputs[algorithm] = runtime.session(proto, table.context.provider).run(None, {"x": x})[0]
+        norm = float(np.linalg.norm(outputs["conv"]))
+        errors = {a: (float(np.linalg.norm(outputs[a] - outputs["conv"])) / norm if norm > 0 else 0.0)
+                  for a in config.algorithms}
+
+        allowed = ["conv"] + [a for a in config.algorithms if errors[a] <= config.tolerance]
+        best = min(allowed, key=lambda a: times[a])
+        timing = ", ".join(f"{LABELS[a]} {times[a]:.3g} ms" for a in ("conv", *config.algorithms))
+        too_far = [a for a in config.algorithms if errors[a] > config.tolerance]
+        error_note = "; ".join(f"{LABELS[a]} error {errors[a]:.2g} > tolerance" for a in too_far)
+        dense = m * c * 9 * oh * ow
+        params = int(weight.size) + (m if has_bias else 0)
+        common = dict(name=name, op="Conv", shape_before=tuple(weight.shape),
+                      shape_after=tuple(weight.shape), macs_before=dense, params_before=params,
+                      params_after=params, latency_before_ms=times["conv"],
+                      latency_after_ms=times[best], error_basis=basis)
+        if best == "conv":
+            reason = f"kept ORT's Conv: it is fastest ({timing})"
+            if error_note:
+                reason += f"; {error_note}"
+            return LayerRecord(**common, macs_after=dense, error=0.0, skipped=reason)
+
+        tile = ALGORITHMS[best]
+        new = ir.Node(OP_DOMAIN, OP_TYPE, list(node.inputs[:3]),
+                      [ir.AttrInt64s("pads", list(geometry.pads)), ir.AttrInt64("tile", tile),
+                       ir.AttrInt64s("kernel_shape", [3, 3])],
+                      num_outputs=1, name=node.name)
+        old_out, new_out = node.outputs[0], new.outputs[0]
+        new_out.shape, new_out.type = old_out.shape, old_out.type
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [old_out], [new_out])
+        new_out.name = old_out.name
+        macs = math.ceil(oh / tile) * math.ceil(ow / tile) * (tile + 2) ** 2 * c * m
+        detail = f"{LABELS[best]} ({timing}); error {errors[best]:.2g}"
+        if error_note:
+            detail += f"; {error_note}"
+        return LayerRecord(**common, macs_after=macs, error=errors[best], detail=detail)
+
+    def ensures(self, model: ir.Model) -> None:
+        for node in model.graph:
+            if node.op_type == OP_TYPE and node.domain == OP_DOMAIN:
+                if OP_DOMAIN not in model.opset_imports:
+                    from compressor.errors import PassError
+
+                    raise PassError(self.name, f"{OP_TYPE} nodes without an opset import for "
+                                    f"{OP_DOMAIN}")
+                return

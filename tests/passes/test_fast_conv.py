@@ -1,0 +1,259 @@
+"""fast-conv: the per-layer choice by (synthetic) measured time within the error tolerance,
+ORT's Conv kept with the reason for unsupported layers, the numpy reference of Winograd, the
+MAC counter, and a zoo model through the pipeline."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor import runtime
+from compressor.errors import OptionError
+from compressor.latency import LatencyCache, LatencyContext, LatencyTable
+from compressor.passes.fast_conv import (
+    OP_TYPE,
+    FastConvConfig,
+    FastConvPass,
+    reference_winograd,
+)
+from compressor.profile import profile_model
+
+
+def _algorithm(proto: onnx.ModelProto) -> str:
+    for node in proto.graph.node:
+        if node.op_type == OP_TYPE:
+            tile = next(a.i for a in node.attribute if a.name == "tile")
+            return f"winograd{tile}"
+        if node.op_type == "Conv":
+            return "conv"
+    raise AssertionError("no conv in the candidate")
+
+
+def _channels(proto: onnx.ModelProto) -> int:
+    return proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+
+
+class FakeLatency(LatencyTable):
+    """ms from ``times[(input channels, algorithm)]``; in memory only; records what it timed."""
+
+    def __init__(self, times: dict[tuple[int, str], float], batch: int = 16):
+        super().__init__(LatencyContext(batch=batch), LatencyCache(persistent=False))
+        self.times = times
+        self.timed: list[tuple[int, str, tuple]] = []
+
+    def measure(self, proto: onnx.ModelProto, min_time_s: float) -> float:
+        dims = tuple(d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim)
+        key = (_channels(proto), _algorithm(proto))
+        self.timed.append((*key, dims))
+        return self.times[key]
+
+
+def conv_net(rng) -> onnx.ModelProto:
+    """x [N, 3, 11, 13] -> 3x3 (3->16, bias, Relu) -> 3x3 stride 2 (16->16) -> 1x1 (16->24)
+    -> 3x3 group 2 (24->24) -> 3x3 dilation 2 (24->32, pads 2) -> 3x3 (32->8, asymmetric pads,
+    no bias) -> GlobalAveragePool -> Flatten."""
+    specs = [  # name, cin, cout, kernel, attributes, bias
+        ("c0", 3, 16, 3, dict(pads=[1, 1, 1, 1]), True),
+        ("s2", 16, 16, 3, dict(pads=[1, 1, 1, 1], strides=[2, 2]), True),
+        ("k1", 16, 24, 1, dict(), True),
+        ("g2", 24, 24, 3, dict(pads=[1, 1, 1, 1], group=2), True),
+        ("d2", 24, 32, 3, dict(pads=[2, 2, 2, 2], dilations=[2, 2]), True),
+        ("c5", 32, 8, 3, dict(pads=[0, 1, 2, 0]), False),
+    ]
+    nodes, inits, prev = [], [], "x"
+    for name, cin, cout, k, attrs, bias in specs:
+        group = attrs.get("group", 1)
+        w = (rng.standard_normal((cout, cin // group, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}_w"))
+        inputs = [prev, f"{name}_w"]
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), f"{name}_b"))
+            inputs.append(f"{name}_b")
+        nodes.append(helper.make_node("Conv", inputs, [f"{name}_y"], name=name, kernel_shape=[k, k], **attrs))
+        prev = f"{name}_y"
+        if name == "c0":
+            nodes.append(helper.make_node("Relu", [prev], ["c0_r"], name="relu"))
+            prev = "c0_r"
+    nodes += [helper.make_node("GlobalAveragePool", [prev], ["gap"]),
+              helper.make_node("Flatten", ["gap"], ["y"])]
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 11, 13])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return onnx.shape_inference.infer_shapes(model)
+
+
+class FakeCalibration:
+    def __init__(self, x: np.ndarray):
+        self.inputs = x
+
+    def collect(self, model: ir.Model, value_names: list[str]) -> dict[str, np.ndarray]:
+        from compressor.passes.calibrate import Calibration
+
+        return Calibration({"x": self.inputs}).collect(model, value_names)
+
+
+def run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return runtime.session(proto).run(None, {"x": x})[0]
+
+
+def compress(proto, latency, calibration=None, **config):
+    model = ir.serde.deserialize_model(proto)
+    result = FastConvPass(FastConvConfig(**config), calibration, latency=latency)(model)
+    out = ir.serde.serialize_model(result.model)
+    out.ir_version = 10
+    return result, out
+
+
+SUPPORTED = (3, 32)  # input channels of the layers Winograd applies to (c0, c5)
+TIME_ORDERS = list(itertools.permutations([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("order", TIME_ORDERS)
+def test_never_picks_a_slower_algorithm(order):
+    rng = np.random.default_rng(0)
+    proto = conv_net(rng)
+    algorithms = ("conv", "winograd2", "winograd4")
+    times = {}
+    for c in (3, 16, 24, 32):
+        for i, a in enumerate(algorithms):
+            times[(c, a)] = order[(i + c) % 3]
+    table = FakeLatency(times)
+    result, out = compress(proto, table, FakeCalibration(rng.standard_normal((4, 3, 11, 13)).astype(np.float32)))
+    layers = {r.name: r for r in result.layers}
+    for name, c in zip(("c0", "c5"), SUPPORTED, strict=True):
+        record = layers[name]
+        fastest = min(algorithms, key=lambda a: times[(c, a)])
+        assert record.latency_after_ms == min(times[(c, a)] for a in algorithms)
+        assert record.latency_before_ms == times[(c, "conv")]
+        assert record.changed == (fastest != "conv")
+        node = next(n for n in out.graph.node if n.name == name)
+        if fastest == "conv":
+            assert node.op_type == "Conv" and "fastest" in record.skipped
+        else:
+            assert node.op_type == OP_TYPE
+            assert next(a.i for a in node.attribute if a.name == "tile") == int(fastest[-1])
+            assert record.error is not None and 0 <= record.error <= 1e-4
+    # each supported layer timed at batch 16 on its real input shape, once per algorithm
+    timed = sorted((c, a, dims) for c, a, dims in table.timed)
+    assert timed == sorted([(3, a, (16, 3, 11, 13)) for a in algorithms]
+                           + [(32, a, (16, 32, 6, 7)) for a in algorithms])
+
+
+def test_unsupported_layers_keep_conv_with_the_reason():
+    rng = np.random.default_rng(1)
+    proto = conv_net(rng)
+    times = {(c, a): (5.0 if a == "conv" else 1.0) for c in (3, 16, 24, 32)
+             for a in ("conv", "winograd2", "winograd4")}
+    result, out = compress(proto, FakeLatency(times))
+    layers = {r.name: r for r in result.layers}
+    assert "strides [2, 2]" in layers["s2"].skipped
+    assert "kernel 1x1" in layers["k1"].skipped
+    assert "group=2" in layers["g2"].skipped
+    assert "dilations [2, 2]" in layers["d2"].skipped
+    for name in ("s2", "k1", "g2", "d2"):
+        assert "kept ORT's Conv" in layers[name].skipped
+        assert next(n for n in out.graph.node if n.name == name).op_type == "Conv"
+    assert layers["c0"].changed and layers["c5"].changed
+    assert layers["c0"].error_basis == "random"  # no calibration data
+    x = rng.standard_normal((3, 3, 11, 13)).astype(np.float32)
+    reference, y = run(proto, x), run(out, x)
+    assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 1e-5
+
+
+def test_error_above_tolerance_keeps_conv():
+    rng = np.random.default_rng(2)
+    proto = conv_net(rng)
+    times = {(c, a): (5.0 if a == "conv" else 1.0) for c in (3, 16, 24, 32)
+             for a in ("conv", "winograd2", "winograd4")}
+    result, out = compress(proto, FakeLatency(times), tolerance=0.0)
+    layers = {r.name: r for r in result.layers}
+    # F(4x4)'s rounding differs from Conv's on every layer; F(2x2) too on c5's 32 channels
+    assert "Winograd F(4x4,3x3) error" in layers["c5"].skipped
+    assert "> tolerance" in layers["c5"].skipped
+    assert next(n for n in out.graph.node if n.name == "c5").op_type == "Conv"
+
+
+def test_config_is_validated():
+    with pytest.raises(OptionError, match="tolerance"):
+        FastConvConfig(tolerance=-1.0)
+    with pytest.raises(OptionError, match="unknown algorithm"):
+        FastConvConfig(algorithms=("fft",))
+
+
+def test_mac_counter_counts_the_transform_domain_products():
+    rng = np.random.default_rng(3)
+    proto = conv_net(rng)
+    times = {(c, a): (5.0 if a != "winograd4" else 1.0) for c in (3, 16, 24, 32)
+             for a in ("conv", "winograd2", "winograd4")}
+    result, out = compress(proto, FakeLatency(times))
+    before, after = profile_model(proto), profile_model(out)
+    # c0: 11x13 output in 3x4 tiles of 4x4 -> 12 tiles * 36 * 3 * 16; c5: 6x6 output -> 2x2 tiles
+    winograd = 12 * 36 * 3 * 16 + 4 * 36 * 32 * 8
+    direct = 11 * 13 * 16 * 27 + 6 * 6 * 8 * 288
+    assert before.macs - after.macs == direct - winograd
+    assert result.stats["macs_after"] == winograd
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (2, 0, 1, 2)])
+def test_reference_winograd_is_conv(tile, pads):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 5, 7, 9))
+    w = rng.standard_normal((6, 5, 3, 3))
+    b = rng.standard_normal(6)
+    top, left, bottom, right = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    exact = torch.nn.functional.conv2d(torch.from_numpy(xp), torch.from_numpy(w), torch.from_numpy(b)).numpy()
+    np.testing.assert_allclose(reference_winograd(x, w, b, pads, tile), exact, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_kernel_matches_the_float32_reference(tile):
+    """The compiled op against the numpy statement computed in float32 (same stages)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 20, 9, 10)).astype(np.float32)
+    w = rng.standard_normal((12, 20, 3, 3)).astype(np.float32)
+    node = helper.make_node(OP_TYPE, ["x", "w"], ["y"], domain=runtime.OP_DOMAIN, pads=[1, 2, 0, 1], tile=tile)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(runtime.OP_DOMAIN, 1)])
+    proto.ir_version = 10
+    y = run(proto, x)
+    exact = reference_winograd(x, w, None, (1, 2, 0, 1), tile)
+    approx = reference_winograd(x, w, None, (1, 2, 0, 1), tile, dtype=np.float32)
+    # the kernel's error against float64 is of the float32 reference's order
+    assert np.abs(y - exact).max() <= 4 * np.abs(approx - exact).max() + 1e-6
+
+
+def test_vgg_through_the_pipeline_equals_the_original(tmp_path, monkeypatch):
+    """The zoo's vgg (3x3 stride-1 convs) compressed with --method fast-conv, timing faked to
+    favour F(4x4): every 3x3 conv becomes WinogradConv and the outputs equal the original's."""
+    from compressor.models import zoo
+    from compressor.pipeline import CompressOptions
+    from compressor.pipeline import compress as run_pipeline
+
+    checkpoint = zoo.get("vgg").checkpoint
+    monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(LatencyTable, "measure",
+                        lambda self, proto, min_time_s: {"conv": 3.0, "winograd2": 2.0, "winograd4": 1.0}[_algorithm(proto)])
+    result = run_pipeline(CompressOptions(
+        model=checkpoint, arch="vgg", method="fast-conv", calib_samples=32, batch=16,
+        data=str(zoo.DATA_DIR / "fashion_mnist_calib.npz"), output=tmp_path / "vgg.onnx"))
+    proto = onnx.load(str(result.output))
+    onnx.checker.check_model(proto)
+    kinds = [n.op_type for n in proto.graph.node if n.op_type in ("Conv", OP_TYPE)]
+    assert OP_TYPE in kinds
+    layers = [layer for r in result.passes for layer in r.layers]
+    assert all(layer.error <= 1e-4 for layer in layers if layer.changed)
+    # the pipeline's own check: the compressed model against the original on calibration data
+    assert result.verification.relative_error < 1e-4
+    assert result.verification.agreement == 1.0
