@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.errors import DataError
+from compressor.models import zoo
 from compressor.passes.calibrate import Calibration, Moments, conv_patches
 from compressor.passes.graph import ConvAttributes
 
@@ -147,3 +148,99 @@ def test_inputs_of_different_lengths_are_rejected():
         Calibration({"x": np.zeros((3, 3), np.float32), "ids": np.zeros((2, 3), np.int64)})
     with pytest.raises(DataError, match="calibration input 'ids' must be a non-empty batch"):
         Calibration({"ids": np.zeros((0, 3), np.int64)})
+
+
+# -- streaming statistics (issue 12) ------------------------------------------------------
+
+def _all_at_once(proto: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict:
+    """Every named tensor on every sample from one onnxruntime run (the reference)."""
+    from compressor import runtime
+
+    whole = onnx.ModelProto.FromString(proto.SerializeToString())
+    present = {o.name for o in whole.graph.output}
+    whole.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names
+                              if n not in present)
+    sess = runtime.session(whole)
+    return dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: x}), strict=True))
+
+
+@pytest.mark.parametrize("arch", zoo.names())
+def test_streamed_statistics_equal_all_at_once_on_every_zoo_model(arch):
+    from compressor import io
+    from compressor.passes.cleanup import CleanupPass
+    from compressor.passes.lowrank import (
+        batch_rows,
+        gather_moments,
+        layer_rows,
+        rows_per_sample,
+        survey,
+    )
+
+
+    entry = zoo.get(arch)
+    model = CleanupPass()(ir.serde.deserialize_model(
+        io.load_model(entry.checkpoint, arch=arch).proto)).model
+    x = np.random.default_rng(5).standard_normal((23, *entry.input_shape)).astype(np.float32)
+    layers = survey(model, None).layers
+    assert layers
+    max_rows = 1500  # 12 rows per sample: a subset of every conv's positions
+    streamed = gather_moments(Calibration(x, batch_size=4), model, layers, max_rows)
+    reference = _all_at_once(ir.serde.serialize_model(model),
+                             list(dict.fromkeys(layer.input_name for layer in layers)), x)
+    for layer in layers:
+        everything = reference[layer.input_name]
+        index = batch_rows(layer, everything, 0, rows_per_sample(max_rows), 0)
+        rows = layer_rows(layer, everything, index=index).astype(np.float64)
+        got = streamed[layer.name]
+        assert got.count == len(rows), layer.name
+        scale = float(np.abs(rows).max()) + 1e-12
+        np.testing.assert_allclose(got.mean, rows.mean(0), rtol=1e-4, atol=1e-5 * scale)
+        np.testing.assert_allclose(got.covariance, np.cov(rows.T, bias=True), rtol=1e-3,
+                                   atol=1e-5 * scale * scale, err_msg=layer.name)
+
+
+def test_rows_are_drawn_per_sample_whatever_the_batches():
+    from compressor.passes.calibrate import sampled_rows
+
+    whole = sampled_rows(0, 10, 50, 7, seed=3)
+    parts = [sampled_rows(0, 4, 50, 7, 3), sampled_rows(4, 6, 50, 7, 3) + 4 * 50]
+    np.testing.assert_array_equal(whole, np.concatenate(parts))
+    assert len(whole) == 70 and len(set(whole.tolist())) == 70
+    assert np.all(whole // 50 == np.repeat(np.arange(10), 7))  # 7 positions of each sample
+    np.testing.assert_array_equal(sampled_rows(0, 3, 5, 7, 3), np.arange(15))  # all rows
+
+
+def test_stream_runs_only_the_prefix_and_caps_the_batch_by_bytes(mlp, monkeypatch):
+    from compressor.passes import calibrate
+
+    x = np.random.default_rng(3).standard_normal((50, 16)).astype(np.float32)
+    pruned = calibrate.prefix_model(mlp.proto, ["h"])
+    assert [n.name for n in pruned.graph.node] == ["fc1"]
+    assert [o.name for o in pruned.graph.output] == ["h"]
+    # h is 32 floats a sample: 128 bytes; a 1000-byte budget gives batches of 7
+    monkeypatch.setattr(calibrate, "MAX_BATCH_BYTES", 1000)
+    sizes = []
+    Calibration(x, batch_size=128).stream(mlp.ir(), ["h"], lambda b: sizes.append(len(b["h"])))
+    assert sizes == [7] * 7 + [1]
+    with pytest.raises(DataError, match="no tensor named 'nope'"):
+        calibrate.prefix_model(mlp.proto, ["nope"])
+
+
+def test_stage_clock_adds_up_every_entry():
+    from compressor.passes.calibrate import StageClock
+
+    clock = StageClock()
+    for _ in range(3):
+        with clock("work"):
+            pass
+    clock.add("work", 1.5)
+    assert set(clock.seconds) == {"work"} and 1.5 <= clock.seconds["work"] < 1.6
+
+
+def test_gram_equals_the_full_product():
+    from compressor.passes.calibrate import gram
+
+    rows = np.random.default_rng(4).standard_normal((300, 9)).astype(np.float32)
+    np.testing.assert_allclose(gram(rows), rows.T.astype(np.float64) @ rows, rtol=1e-4,
+                               atol=1e-3)
+    assert gram(rows[:0]).shape == (9, 9)

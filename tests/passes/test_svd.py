@@ -370,3 +370,70 @@ def built_runs(proto: onnx.ModelProto) -> bool:
 def test_speedup_config_errors(kwargs, message):
     with pytest.raises(OptionError, match=message):
         SVDConfig(**kwargs)
+
+
+# -- the tool's own cost (issue 12) ---------------------------------------------------------
+
+def test_spatial_errors_equal_the_direct_products():
+    """The factored rank errors (one Cholesky, residual updated block by block) equal
+    tr(D Sigma D^T) computed directly for each rank."""
+    from compressor.passes.svd import _LayerAnalysis
+
+    rng = np.random.default_rng(0)
+    o, c, kh, kw = 12, 5, 3, 3
+    weight = rng.standard_normal((o, c * kh * kw))
+    rows = rng.standard_normal((400, c * kh * kw)) @ rng.standard_normal((45, 45))
+    analysis = _LayerAnalysis.__new__(_LayerAnalysis)
+    analysis.layer = type("Layer", (), {"weight": weight})()
+    analysis.cov = np.cov(rows.T, bias=True)
+    a = weight.reshape(o, c, kh, kw).transpose(1, 2, 0, 3).reshape(c * kh, o * kw)
+    analysis._spatial = (*np.linalg.svd(a, full_matrices=False), (o, c, kh, kw))
+    ranks = [9, 2, 5, 15]
+    direct = []
+    for r in ranks:
+        delta = weight - analysis._spatial_weights(r)[2]
+        direct.append(float(np.sum((delta @ analysis.cov) * delta)))
+    np.testing.assert_allclose(analysis._spatial_errors(ranks), direct, rtol=1e-6,
+                               atol=1e-9 * direct[1])
+
+
+def test_results_do_not_depend_on_the_calibration_batch_size(lenet5):
+    # 160 samples: more than the ranks on offer, so no two ranks tie at zero error (with fewer
+    # samples than a Gemm's fan-in, every rank above the sample count is an exact tie)
+    x = np.random.default_rng(7).standard_normal((160, 1, 28, 28)).astype(np.float32)
+    results = [LowRankSVDPass(SVDConfig(ratio=0.5), calibration=Calibration(x, batch_size=b))(
+        _ir(lenet5)) for b in (160, 13)]
+    first, second = ([r.as_dict() for r in res.layers] for res in results)
+    assert [(r["name"], r["detail"]) for r in first] == [(r["name"], r["detail"]) for r in second]
+    for a, b in zip(first, second, strict=True):
+        assert a["error"] == pytest.approx(b["error"], rel=1e-3, abs=1e-6)
+    weights = [{t.name: onnx.numpy_helper.to_array(t) for t in
+                ir.serde.serialize_model(res.model).graph.initializer} for res in results]
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        np.testing.assert_allclose(weights[1][name], value, rtol=1e-3,
+                                   atol=1e-4 * (np.abs(value).max() + 1e-6), err_msg=name)
+    stages = results[0].stats["seconds_by_stage"]
+    assert {"survey forward", "survey statistics", "decompositions", "rank options",
+            "refit forward", "refit statistics"} <= set(stages)
+    assert all(seconds >= 0.0 for seconds in stages.values())
+
+
+def test_peak_memory_does_not_grow_with_calibration_samples(lenet5, monkeypatch):
+    """Shape, not speed: the svd pass's traced peak with 256 samples stays within a small
+    factor of its peak with 64 (batches capped at a few samples' worth of activations)."""
+    import tracemalloc
+
+    from compressor.passes import calibrate
+
+    monkeypatch.setattr(calibrate, "MAX_BATCH_BYTES", 256 * 1024)
+    peaks = {}
+    for n in (64, 256):
+        x = np.random.default_rng(n).standard_normal((n, 1, 28, 28)).astype(np.float32)
+        calibration = Calibration(x)
+        model = _ir(lenet5)
+        tracemalloc.start()
+        LowRankSVDPass(SVDConfig(ratio=0.5), calibration=calibration)(model)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[256] < 1.3 * peaks[64], peaks
