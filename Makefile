@@ -75,6 +75,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/bench_sweep.py
 	$(PY) bench/bench_latency.py
 	$(PY) bench/bench_real_graphs.py
+	$(PY) bench/bench_tool_cost.py
 
 clean:
 	rm -rf build $(VENV)
