@@ -38,7 +38,14 @@ from compressor.latency import (
 )
 from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
 from compressor.passes.budget import EXCLUDED_REASON
-from compressor.passes.calibrate import Calibration, conv_patches, feature_rows
+from compressor.passes.calibrate import (
+    DEFAULT_BATCH_SIZE,
+    Calibration,
+    conv_output_positions,
+    conv_patches,
+    feature_rows,
+    sampled_rows,
+)
 from compressor.passes.dependency import (
     ChannelGroup,
     ChannelTransform,
@@ -598,14 +605,16 @@ def _write_linear(node: ir.Node, linear: _Linear, weight: np.ndarray, bias: np.n
         _set_param(node, 1, weight.T, names)
 
 
-def _rows(linear: _Linear, x: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
+def _rows(linear: _Linear, x: np.ndarray, max_rows: int, seed: int,
+          first_sample: int) -> np.ndarray:
+    """Input rows of the layer at positions drawn per sample (``_row_index``)."""
     if linear.kind == "conv":
-        return conv_patches(x, linear.conv, max_rows, rng)
+        positions = conv_output_positions(x.shape, linear.conv)
+        return conv_patches(x, linear.conv,
+                            index=_row_index(len(x), positions, max_rows, seed, first_sample))
     rows = feature_rows(x)
-    if rows.shape[0] > max_rows:
-        rows = rows[rng.choice(rows.shape[0], max_rows, replace=False)]
-    return rows
+    positions = rows.shape[0] // max(len(x), 1)
+    return rows[_row_index(len(x), positions, max_rows, seed, first_sample)]
 
 
 class _Normal:
@@ -695,17 +704,24 @@ def _residual_partner(layer: ComputeLayer) -> str | None:
     return other.name
 
 
-def _row_index(total: int, max_rows: int, seed: int) -> np.ndarray:
-    """The rows ``_rows`` samples (the same draws as ``conv_patches`` and the Gemm path)."""
-    if total > max_rows:
-        return np.random.default_rng(seed).choice(total, size=max_rows, replace=False)
-    return np.arange(total)
+def _rows_per_sample(max_rows: int) -> int:
+    # max_rows spread over a batch of the default size, drawn per sample: the same rows
+    # whatever the batches (the calibration sizes them by the activations' bytes)
+    return max(1, math.ceil(max_rows / DEFAULT_BATCH_SIZE))
 
 
-def _partner_rows(t: np.ndarray, kind: str, max_rows: int, seed: int) -> np.ndarray:
+def _row_index(samples: int, positions: int, max_rows: int, seed: int,
+               first_sample: int) -> np.ndarray:
+    """The rows ``_rows`` samples: ``_rows_per_sample`` positions of each sample."""
+    return sampled_rows(first_sample, samples, positions, _rows_per_sample(max_rows), seed)
+
+
+def _partner_rows(t: np.ndarray, kind: str, max_rows: int, seed: int,
+                  first_sample: int) -> np.ndarray:
     """Rows of a tensor shaped like a layer's output at the positions ``_rows`` sampled."""
     rows = np.moveaxis(t, 1, -1).reshape(-1, t.shape[1]) if kind == "conv" else feature_rows(t)
-    return rows[_row_index(len(rows), max_rows, seed)].astype(np.float64)
+    positions = rows.shape[0] // max(len(t), 1)
+    return rows[_row_index(len(t), positions, max_rows, seed, first_sample)].astype(np.float64)
 
 
 def _prefix_model(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
@@ -782,33 +798,41 @@ def fit_to_original(model: ir.Model, original: onnx.ModelProto, graph: Dependenc
     wanted: dict[str, list[np.ndarray]] = {t.layer.name: [] for t in targets}
     ref_inputs = list(dict.fromkeys(
         name for t in targets for name in (t.x_name, t.partner) if name is not None))
-    batch_index = [0]
+    seen = [0]
 
     def keep_targets(batch: dict[str, np.ndarray]) -> None:
-        batch_seed = seed + batch_index[0]
-        batch_index[0] += 1
+        first = seen[0]
         for t in targets:
-            x = _rows(t.ref, batch[t.x_name], max_rows, batch_seed)
+            x = _rows(t.ref, batch[t.x_name], max_rows, seed, first)
             y = x.astype(np.float64) @ t.weight.T + t.bias
             if t.partner is not None:
-                y += _partner_rows(batch[t.partner], t.ref.kind, max_rows, batch_seed) @ t.produce.T
+                y += _partner_rows(batch[t.partner], t.ref.kind, max_rows, seed,
+                                   first) @ t.produce.T
             wanted[t.layer.name].append(y.astype(np.float32))
+        seen[0] = first + len(next(iter(batch.values())))
 
     calibration.stream(_prefix_model(reference, ref_inputs), ref_inputs, keep_targets,
                        label="refit targets")
+    # rows are drawn per sample, the same number from each: a batch of the refit's own
+    # streams (sized for its tensors) reads its samples' rows by offset
+    targets_by_layer = {name: np.concatenate(parts) for name, parts in wanted.items()}
+    wanted.clear()
 
     def fit(t: _Target) -> None:
         inputs = [t.x_name] + ([t.partner] if t.partner is not None else [])
         moments = _Normal(t.linear.weight.shape[1], len(t.weight))
-        index = [0]
+        done = [0]
+        every = targets_by_layer[t.layer.name]
+        per_sample = len(every) // len(calibration)
 
         def consume(now: dict[str, np.ndarray]) -> None:
-            b = index[0]
-            index[0] += 1
-            x_hat = _rows(t.linear, now[t.x_name], max_rows, seed + b)
-            y = wanted[t.layer.name][b]
+            first = done[0]
+            count = len(now[t.x_name])
+            done[0] = first + count
+            x_hat = _rows(t.linear, now[t.x_name], max_rows, seed, first)
+            y = every[first * per_sample:(first + count) * per_sample]
             if t.partner is not None:
-                y = y - _partner_rows(now[t.partner], t.linear.kind, max_rows, seed + b)
+                y = y - _partner_rows(now[t.partner], t.linear.kind, max_rows, seed, first)
             moments.add(y, x_hat)
 
         calibration.stream(_prefix_model(model, inputs), inputs, consume,
@@ -816,7 +840,7 @@ def fit_to_original(model: ir.Model, original: onnx.ModelProto, graph: Dependenc
         weight, bias, error = _solve(t.linear, moments, full, ridge)
         _write_linear(t.layer.node, t.linear, weight, bias, names)
         errors[t.layer.name] = error
-        del wanted[t.layer.name]
+        del targets_by_layer[t.layer.name]
 
     for target in targets:
         fit(target)
