@@ -16,7 +16,7 @@ DEMO_CALIB ?= models/data/fashion_mnist_calib.npz
 DEMO_DATA ?= models/data/fashion_mnist_eval.npz
 DEMO_OUT ?= build/demo
 
-.PHONY: setup demo test test-cuda lint bench clean browser
+.PHONY: setup demo test test-all test-cuda lint bench clean browser
 
 setup: $(STAMP)
 
@@ -36,10 +36,15 @@ demo: $(STAMP)
 	    --arch $(DEMO_ARCH) --data $(DEMO_DATA)
 
 # pytest exits 5 when it collected no test: say so and fail, since a suite that runs nothing
-# proves nothing.
+# proves nothing. `make test` leaves out the tests marked slow (whole-zoo runs, Ray clusters:
+# each has a fast variant in the default run); `make test-all` runs every test.
+TEST_MARKS ?= not slow
 test: $(STAMP) browser
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -m "$(TEST_MARKS)" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): failing"; exit 1; fi; exit $$rc
+
+test-all: $(STAMP) browser
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The sweep report's test opens report.html in Debian's headless chromium (through
 # chromium-driver): installed here when missing, so CI (root) runs it too. Without apt the
@@ -75,6 +80,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/bench_sweep.py
 	$(PY) bench/bench_latency.py
 	$(PY) bench/bench_real_graphs.py
+	$(PY) bench/bench_fast_conv.py
 	$(PY) bench/bench_tool_cost.py
 
 clean:

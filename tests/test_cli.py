@@ -26,7 +26,14 @@ def invoke(*args, command=main):
     return result
 
 
-@pytest.mark.parametrize("arch", zoo.names())
+# The small nets run by default; the larger ones (about 4 minutes of the suite) with the slow
+# tests (make test-all). Their methods are covered per model in tests/passes too.
+FAST_ZOO = ("mlp", "lenet5")
+ZOO_PARAMS = [name if name in FAST_ZOO else pytest.param(name, marks=pytest.mark.slow)
+              for name in zoo.names()]
+
+
+@pytest.mark.parametrize("arch", ZOO_PARAMS)
 @pytest.mark.parametrize("method", ["svd", "sketch", "prune", "lsh"])
 def test_compress_every_zoo_model(arch, method, tmp_path):
     out = tmp_path / f"{arch}.onnx"
