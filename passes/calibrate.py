@@ -8,7 +8,6 @@ attention mask, two images) gets every input, batch by batch; integer inputs kee
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -105,25 +104,6 @@ def prefix_model(model: ir.Model | onnx.ModelProto, names: Sequence[str]) -> onn
                                  functions=proto.functions)
     out.ir_version = proto.ir_version
     return out
-
-
-def _bytes_per_sample(proto: onnx.ModelProto, names: Sequence[str],
-                      input_shapes: Mapping[str, tuple[int, ...]]) -> int | None:
-    """Bytes of the named tensors for one sample, from static shape inference with the
-    calibration's per-sample input shapes (None where a shape stays unknown)."""
-    from compressor.profile import static_shapes
-
-    try:
-        shapes, _ = static_shapes(proto, batch=1, input_shapes=input_shapes)
-    except Exception:  # noqa: BLE001 - shape inference is an estimate here, never required
-        return None
-    total = 0
-    for name in names:
-        shape = shapes.get(name)
-        if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
-            return None
-        total += 4 * math.prod(shape[1:])  # per sample (axis 0 is the batch), float32
-    return total
 
 
 class Calibration:
@@ -272,28 +252,26 @@ class Calibration:
         return {name: self._arrays[name] for name in input_names}
 
     def _session_with_outputs(self, model: ir.Model | onnx.ModelProto, names: Iterable[str]):
-        """A session of the part of ``model`` that computes ``names``, and the batch size that
-        keeps one batch of those tensors within ``MAX_BATCH_BYTES``."""
-        names = list(names)
-        proto = prefix_model(model, names)
-        return runtime.session(proto, provider=self.provider), self._batch_size_for(proto, names)
+        """A session of the part of ``model`` that computes ``names``."""
+        return runtime.session(prefix_model(model, list(names)), provider=self.provider)
 
-    def _batch_size_for(self, proto: onnx.ModelProto, names: Sequence[str]) -> int:
-        per_sample_inputs = {name: tuple(a.shape[1:]) for name, a in self._arrays.items()}
-        if self._unnamed is not None and len(proto.graph.input) >= 1:
-            init_names = {t.name for t in proto.graph.initializer}
-            first = next((v.name for v in proto.graph.input if v.name not in init_names), None)
-            if first is not None:
-                per_sample_inputs = {first: tuple(self._unnamed.shape[1:])}
-        per_sample = _bytes_per_sample(proto, names, per_sample_inputs)
-        if not per_sample:
-            return self.batch_size
-        return max(1, min(self.batch_size, MAX_BATCH_BYTES // per_sample))
+    def _batches(self, run: Callable[[int, int], int], label: str) -> None:
+        """Call ``run(start, stop)`` over the samples in order, for one sample first; ``run``
+        returns the bytes its outputs took, which sets the following batches' size: at most
+        the calibration's batch size, and at most ``MAX_BATCH_BYTES`` of outputs."""
+        total, start, size = len(self), 0, 1
+        while start < total:
+            stop = min(start + size, total)
+            used = run(start, stop)
+            if start == 0:
+                per_sample = max(1, used // (stop - start))
+                size = max(1, min(self.batch_size, MAX_BATCH_BYTES // per_sample))
+            start = stop
+            if self.progress is not None:
+                self.progress(label, stop, total)
 
-    def _report(self, label: str, done: int) -> None:
-        if self.progress is not None:
-            total = len(self)
-            self.progress(label, min(done, total), total)
+    def _feed(self, input_names: Sequence[str], start: int, stop: int) -> dict[str, np.ndarray]:
+        return {name: array[start:stop] for name, array in self._select(input_names).items()}
 
     def stream(
         self,
@@ -307,19 +285,21 @@ class Calibration:
         """Run the model batch by batch; call ``consume`` with the named tensors of each batch.
 
         Only the part of the model those tensors need runs, in batches no larger than the
-        calibration's batch size nor than ``MAX_BATCH_BYTES`` of requested tensors allow, so
-        memory holds one batch whatever the number of samples. With ``clock``, the forward
-        passes add to ``"<stage> forward"`` and ``consume`` to ``"<stage> statistics"``."""
-        sess, size = self._session_with_outputs(model, value_names)
+        calibration's batch size nor than ``MAX_BATCH_BYTES`` of requested tensors allow
+        (measured on a first batch of one sample), so memory holds one batch whatever the
+        number of samples. With ``clock``, the forward passes add to ``"<stage> forward"`` and
+        ``consume`` to ``"<stage> statistics"``."""
+        sess = self._session_with_outputs(model, value_names)
         wanted = [i.name for i in sess.get_inputs()]
-        done = 0
-        for feed in self.feeds(size, input_names=wanted):
+
+        def run(start: int, stop: int) -> int:
             with _timed(clock, f"{stage} forward"):
-                outputs = sess.run(value_names, feed)
+                outputs = sess.run(value_names, self._feed(wanted, start, stop))
             with _timed(clock, f"{stage} statistics"):
                 consume(dict(zip(value_names, outputs, strict=True)))
-            done += len(next(iter(feed.values())))
-            self._report(label, done)
+            return sum(o.nbytes for o in outputs)
+
+        self._batches(run, label)
 
     def stream_pair(
         self,
@@ -332,21 +312,21 @@ class Calibration:
     ) -> None:
         """Run two models on the same batches (e.g. the original and the partly compressed
         one) and call ``consume`` with both sets of named tensors (batches sized for both)."""
-        made = [self._session_with_outputs(m, names) for m, names in (first, second)]
-        sessions = [sess for sess, _ in made]
-        size = min(batch for _, batch in made)
-        feeds = [self.feeds(size, input_names=[i.name for i in s.get_inputs()])
-                 for s in sessions]
-        done = 0
-        for pair in zip(*feeds, strict=True):
+        sessions = [self._session_with_outputs(m, names) for m, names in (first, second)]
+        wanted = [[i.name for i in s.get_inputs()] for s in sessions]
+
+        def run(start: int, stop: int) -> int:
             got = []
             with _timed(clock, f"{stage} forward"):
-                for sess, feed, (_, names) in zip(sessions, pair, (first, second), strict=True):
-                    got.append(dict(zip(names, sess.run(names, feed), strict=True)))
+                for sess, inputs, (_, names) in zip(sessions, wanted, (first, second),
+                                                    strict=True):
+                    outputs = sess.run(names, self._feed(inputs, start, stop))
+                    got.append(dict(zip(names, outputs, strict=True)))
             with _timed(clock, f"{stage} statistics"):
                 consume(*got)
-            done += len(next(iter(pair[0].values())))
-            self._report(label, done)
+            return sum(o.nbytes for part in got for o in part.values())
+
+        self._batches(run, label)
 
     def collect(self, model: ir.Model, value_names: list[str]) -> dict[str, np.ndarray]:
         """The named intermediate tensors on every calibration input, concatenated on axis 0."""

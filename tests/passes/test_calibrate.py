@@ -119,7 +119,9 @@ def test_stream_pair_feeds_each_model_the_same_batches():
     pairs = []
     Calibration(inputs, batch_size=4).stream_pair(
         (model, ["y"]), (two_input_model(), ["h"]), lambda a, b: pairs.append((a, b)))
-    assert [len(a["y"]) for a, _ in pairs] == [4, 3]
+    # a first batch of one sample measures the outputs' size, then batches of the batch size
+    assert [len(a["y"]) for a, _ in pairs] == [1, 4, 2]
+    assert [len(b["h"]) for _, b in pairs] == [1, 4, 2]
     np.testing.assert_array_equal(np.concatenate([b["h"] for _, b in pairs]), inputs["ids"] + 1)
 
 
@@ -217,11 +219,15 @@ def test_stream_runs_only_the_prefix_and_caps_the_batch_by_bytes(mlp, monkeypatc
     pruned = calibrate.prefix_model(mlp.proto, ["h"])
     assert [n.name for n in pruned.graph.node] == ["fc1"]
     assert [o.name for o in pruned.graph.output] == ["h"]
-    # h is 32 floats a sample: 128 bytes; a 1000-byte budget gives batches of 7
+    # a first batch of one sample measures h: 32 floats, 128 bytes; a 1000-byte budget then
+    # gives batches of 7
     monkeypatch.setattr(calibrate, "MAX_BATCH_BYTES", 1000)
     sizes = []
     Calibration(x, batch_size=128).stream(mlp.ir(), ["h"], lambda b: sizes.append(len(b["h"])))
-    assert sizes == [7] * 7 + [1]
+    assert sizes == [1] + [7] * 7
+    sizes.clear()
+    Calibration(x, batch_size=5).stream(mlp.ir(), ["h"], lambda b: sizes.append(len(b["h"])))
+    assert sizes == [1] + [5] * 9 + [4]  # the calibration's own batch size is the other cap
     with pytest.raises(DataError, match="no tensor named 'nope'"):
         calibrate.prefix_model(mlp.proto, ["nope"])
 
