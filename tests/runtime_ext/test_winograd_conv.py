@@ -85,6 +85,14 @@ def stages(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["fused", "tuple"])
+def schedule(request, monkeypatch):
+    """COMPRESSOR_WINOGRAD_SCHEDULE: units of tile rows through all three stages, or each
+    stage over the whole call (one GEMM per xi)."""
+    monkeypatch.setenv("COMPRESSOR_WINOGRAD_SCHEDULE", request.param)
+    return request.param
+
+
 shapes = st.tuples(
     st.integers(1, 3),                                   # batch
     st.integers(1, 40), st.integers(1, 40),              # input, output channels
@@ -98,7 +106,7 @@ shapes = st.tuples(
 @example(shape=(1, 1, 6, 1, 1, (2, 2, 0, 0), False, 2), seed=2)  # one input, 6 filters
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shapes, st.integers(0, 2**31 - 1))
-def test_matches_ort_conv_on_random_shapes(stages, shape, seed):
+def test_matches_ort_conv_on_random_shapes(stages, schedule, shape, seed):
     n, c, m, h, w_size, pads, with_bias, tile = shape
     top, left, bottom, right = pads
     if h + top + bottom < 3 or w_size + left + right < 3:  # the kernel must fit
@@ -113,7 +121,7 @@ def test_matches_ort_conv_on_random_shapes(stages, shape, seed):
 
 @pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("size", [(1, 1), (3, 3), (5, 7), (56, 56), (14, 15)])
-def test_partial_tiles_and_one_pixel_maps(tile, size):
+def test_partial_tiles_and_one_pixel_maps(tile, size, schedule):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 24, *size)).astype(np.float32)
     w = rng.standard_normal((20, 24, 3, 3)).astype(np.float32)
@@ -122,10 +130,11 @@ def test_partial_tiles_and_one_pixel_maps(tile, size):
 
 
 @pytest.mark.parametrize("tile", [2, 4])
-def test_large_channels_and_batch_use_many_units(tile):
-    """Batch 5 x 64 channels: several units per image and units spanning images."""
+def test_large_channels_and_batch_use_many_units(tile, schedule):
+    """Batch 5 x 64 channels at 40x33: fused units of 96+ tiles that span images (auto picks
+    fused here), or the by-tuple passes."""
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((5, 64, 20, 9)).astype(np.float32)
+    x = rng.standard_normal((5, 64, 40, 33)).astype(np.float32)
     w = rng.standard_normal((72, 64, 3, 3)).astype(np.float32) * 0.1
     assert_within_bound(winograd(x, w, None, (1, 0, 2, 1), tile), x, w, None, (1, 0, 2, 1), tile)
 
@@ -194,3 +203,10 @@ def test_bad_shapes_are_ort_errors_naming_the_op(x_shape, w_shape, bias_shape, m
     with pytest.raises(Exception, match=message) as info:
         run(model, {"X": np.zeros(x_shape, np.float32), "W": w})
     assert "WinogradConv" in str(info.value)
+
+
+def test_bad_schedule_variable_is_an_error_naming_the_op(monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_WINOGRAD_SCHEDULE", "fastest")
+    w = np.ones((3, 2, 3, 3), np.float32)
+    with pytest.raises(Exception, match="WinogradConv.*COMPRESSOR_WINOGRAD_SCHEDULE"):
+        run(conv_model("WinogradConv", [1, 2, 5, 5], w, None), {"X": np.zeros((1, 2, 5, 5), np.float32)})

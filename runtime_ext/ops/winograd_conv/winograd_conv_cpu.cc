@@ -332,6 +332,21 @@ struct Scratchpad {
   std::vector<int64_t> image, tile_row;
 };
 
+enum class Schedule { kAuto, kFused, kByTuple };
+
+// COMPRESSOR_WINOGRAD_SCHEDULE=auto|fused|tuple forces a schedule (tests and benchmarks); read
+// when a session creates the kernel.
+Schedule ScheduleFromEnvironment() {
+  const char* value = std::getenv("COMPRESSOR_WINOGRAD_SCHEDULE");
+  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) {
+    return Schedule::kAuto;
+  }
+  if (std::strcmp(value, "fused") == 0) return Schedule::kFused;
+  if (std::strcmp(value, "tuple") == 0) return Schedule::kByTuple;
+  throw OpError(std::string("COMPRESSOR_WINOGRAD_SCHEDULE must be auto, fused or tuple, got '") +
+                value + "'");
+}
+
 bool ReferenceFromEnvironment() {
   const char* value = std::getenv("COMPRESSOR_WINOGRAD_REFERENCE");
   if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "0") == 0) {
@@ -346,7 +361,9 @@ class WinogradConvCpuKernel {
   static constexpr const char* kLabel = kWinogradConvName;
 
   WinogradConvCpuKernel(const OrtApi& api, const OrtKernelInfo* info)
-      : attributes_(WinogradConvAttributes::Read(info)), reference_(ReferenceFromEnvironment()) {
+      : attributes_(WinogradConvAttributes::Read(info)),
+        reference_(ReferenceFromEnvironment()),
+        schedule_(ScheduleFromEnvironment()) {
     // A constant weight is transformed once, here (at session creation).
     int is_constant = 0;
     const OrtValue* weight = nullptr;
@@ -412,7 +429,10 @@ class WinogradConvCpuKernel {
     const bool inline_units = RunInline(g);
     OrtKernelContext* pool = inline_units ? nullptr : context;
     const int64_t threads = inline_units ? 1 : HardwareThreads();
-    if (total_tiles < 2 * threads * kMinUnitTiles) {
+    const bool by_tuple = schedule_ == Schedule::kAuto
+                              ? total_tiles < 2 * threads * kMinUnitTiles
+                              : schedule_ == Schedule::kByTuple;
+    if (by_tuple) {
       RunByTuple(pool, threads, g, x, U, bias, y);
       return;
     }
@@ -555,6 +575,7 @@ class WinogradConvCpuKernel {
 
   WinogradConvAttributes attributes_;
   bool reference_;
+  Schedule schedule_;
   std::vector<float> transformed_;  // U of a constant W
   std::vector<int64_t> transformed_shape_;
 };
