@@ -1,0 +1,198 @@
+"""WinogradConv F(2x2,3x3) / F(4x4,3x3) vs onnxruntime's Conv on 3x3 stride-1 layers: time and
+error.
+
+    python bench/bench_fast_conv.py [--batches 1,16,64] [--min-time 0.3] [--quick] [--from-json]
+
+Layers: every distinct 3x3 stride-1 group-1 Conv of the zoo models (their ONNX exports, input
+shapes by shape inference) and of ResNet-18 as bench/archs.py defines it (torchvision's shapes,
+224x224). Each layer is a one-node model (Conv, WinogradConv tile 2, tile 4; random weights,
+bias) timed side by side at each batch by ``compressor.latency.LatencyTable.compare``
+(alternating order, spinning off, medians). Error: ||y - y64|| / ||y64|| against a float64
+torch convolution, on random normal inputs (batch 4).
+
+Target (issue 13): F(4x4,3x3) >= 1.3x faster than Conv on 3x3 stride-1 layers with >= 64
+channels at batch >= 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import SECTIONS, atomic_write, write_section  # noqa: E402
+
+from compressor import io, runtime  # noqa: E402
+from compressor.latency import LatencyCache, LatencyContext, LatencyTable  # noqa: E402
+from compressor.models import zoo  # noqa: E402
+
+ZOO = ("lenet5", "vgg", "resnet20", "mobilenetv2")
+ALGORITHMS = {"conv": None, "winograd2": 2, "winograd4": 4}
+TARGET = 1.3
+
+
+def layer_model(c: int, m: int, h: int, w: int, pads, tile: int | None, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((m, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    if tile is None:
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], pads=list(pads))
+    else:
+        node = helper.make_node("WinogradConv", ["x", "w", "b"], ["y"], domain=runtime.OP_DOMAIN,
+                                pads=list(pads), tile=tile)
+    graph = helper.make_graph(
+        [node], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, h, w])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(runtime.OP_DOMAIN, 1)])
+    model.ir_version = 10
+    return model
+
+
+def zoo_layers() -> list[dict]:
+    layers = []
+    for name in ZOO:
+        entry = zoo.get(name)
+        if not entry.checkpoint.is_file():
+            continue
+        proto = onnx.shape_inference.infer_shapes(io.load_model(entry.checkpoint, arch=name).proto)
+        shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                  for v in [*proto.graph.value_info, *proto.graph.input]}
+        inits = {t.name: list(t.dims) for t in proto.graph.initializer}
+        for node in proto.graph.node:
+            if node.op_type != "Conv":
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            wshape = inits.get(node.input[1])
+            if (wshape is None or wshape[2:] != [3, 3] or attrs.get("group", 1) != 1
+                    or list(attrs.get("strides", [1, 1])) != [1, 1]
+                    or list(attrs.get("dilations", [1, 1])) != [1, 1]):
+                continue
+            x = shapes.get(node.input[0])
+            layers.append(dict(source=name, c=wshape[1], m=wshape[0], h=x[2], w=x[3],
+                               pads=list(attrs.get("pads", [0, 0, 0, 0]))))
+    return layers
+
+
+def resnet18_layers() -> list[dict]:
+    import archs
+    import torch
+
+    model = archs.definition("resnet18")
+    found = []
+
+    def hook(module, inputs, _output):
+        x = inputs[0]
+        found.append(dict(source="resnet18", c=module.in_channels, m=module.out_channels,
+                          h=x.shape[2], w=x.shape[3], pads=[module.padding[0], module.padding[1]] * 2))
+
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Conv2d) and module.kernel_size == (3, 3)
+                and module.stride == (1, 1) and module.groups == 1 and module.dilation == (1, 1)):
+            module.register_forward_hook(hook)
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 224, 224))
+    return found
+
+
+def distinct(layers: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for layer in layers:
+        key = (layer["c"], layer["m"], layer["h"], layer["w"], tuple(layer["pads"]))
+        if key not in seen:
+            seen.add(key)
+            out.append(layer)
+    return out
+
+
+def error(layer: dict, tile: int) -> float:
+    import torch
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, layer["c"], layer["h"], layer["w"])).astype(np.float32)
+    model = layer_model(layer["c"], layer["m"], layer["h"], layer["w"], layer["pads"], tile)
+    y = runtime.session(model).run(None, {"x": x})[0]
+    w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    b = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)
+    top, left, bottom, right = layer["pads"]
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    exact = torch.nn.functional.conv2d(torch.from_numpy(xp), torch.from_numpy(w), torch.from_numpy(b)).numpy()
+    return float(np.linalg.norm(y - exact) / np.linalg.norm(exact))
+
+
+def measure(layers: list[dict], batches: list[int], min_time_s: float) -> list[dict]:
+    rows = []
+    for layer in layers:
+        models = {a: layer_model(layer["c"], layer["m"], layer["h"], layer["w"], layer["pads"], t)
+                  for a, t in ALGORITHMS.items()}
+        row = dict(layer, errors={a: error(layer, t) for a, t in ALGORITHMS.items()}, ms={})
+        for batch in batches:
+            table = LatencyTable(LatencyContext(batch=batch), LatencyCache(persistent=False))
+            row["ms"][str(batch)] = table.compare(models, min_time_s=min_time_s)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def render(result: dict) -> str:
+    batches = result["batches"]
+    lines = [
+        "## fast-conv: Winograd vs onnxruntime's Conv (3x3, stride 1)",
+        "",
+        "One-node models, `LatencyTable.compare` (side by side, alternating, spinning off, "
+        "medians); speedup = Conv's ms / WinogradConv's ms. Error: relative L2 vs a float64 "
+        f"convolution. Load average at start / end: {result['load'][0]} / {result['load'][1]} "
+        "(2 cores shared with other jobs: single ratios are noisy).",
+        "",
+        "| layer | C->M | map | " + " | ".join(
+            f"b{b} Conv ms | b{b} F(2) | b{b} F(4)" for b in batches) + " | err Conv | err F(2) | err F(4) |",
+        "|---|---|---|" + "---|---|---|" * len(batches) + "---|---|---|",
+    ]
+    hits, total = 0, 0
+    for row in result["rows"]:
+        cells = [row["source"], f"{row['c']}->{row['m']}", f"{row['h']}x{row['w']}"]
+        for b in batches:
+            ms = row["ms"][str(b)]
+            cells += [f"{ms['conv']:.3g}", f"{ms['conv'] / ms['winograd2']:.2f}x",
+                      f"{ms['conv'] / ms['winograd4']:.2f}x"]
+            if b >= 16 and min(row["c"], row["m"]) >= 64:
+                total += 1
+                hits += ms["conv"] / ms["winograd4"] >= TARGET
+        cells += [f"{row['errors'][a]:.1e}" for a in ALGORITHMS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Target F(4x4) >= {TARGET}x Conv on layers with >= 64 channels at batch >= 16: "
+              f"met on {hits} of {total} (layer, batch) pairs."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds per comparison")
+    parser.add_argument("--quick", action="store_true", help="ResNet-18's layers only, batch 16")
+    parser.add_argument("--from-json", action="store_true", help="re-render docs/benchmarks/fast_conv.json")
+    args = parser.parse_args()
+    raw = SECTIONS / "fast_conv.json"
+    if args.from_json:
+        result = json.loads(raw.read_text())
+    else:
+        batches = [16] if args.quick else [int(b) for b in args.batches.split(",")]
+        layers = distinct(resnet18_layers() + ([] if args.quick else zoo_layers()))
+        load0 = round(os.getloadavg()[0], 1)
+        rows = measure(layers, batches, args.min_time)
+        result = dict(batches=batches, rows=rows, load=[load0, round(os.getloadavg()[0], 1)])
+        atomic_write(raw, json.dumps(result, indent=1))
+    print(f"wrote {write_section('fast_conv', render(result))}")
+
+
+if __name__ == "__main__":
+    main()
