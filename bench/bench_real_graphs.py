@@ -448,6 +448,9 @@ def run(models, methods, ratios, batches_for, latency_time: float, calib_samples
         model = MODELS[name]
         batches = batches_for(model)
         subj = None
+        if name in facts and "notable_ops" not in facts[name]:  # facts of an older version
+            facts[name] = prepare(model, facts).facts
+            save()
         for method in methods:
             for ratio in ratios:
                 key = _key(name, method, ratio)
@@ -584,9 +587,9 @@ def markdown(rows: dict, facts: dict) -> str:
               "|---|---|---|---|---|---|---|"]
     for name in [n for n in MODELS if n in facts]:
         f = facts[name]
-        if "notable_ops" not in f:
+        if "macs" not in f:
             continue
-        notable = ", ".join(f"{op} {n}" for op, n in f["notable_ops"].items())
+        notable = ", ".join(f"{op} {n}" for op, n in f.get("notable_ops", {}).items()) or "—"
         cleaned = (f"failed: {f['cleanup_error'][:80]}" if "cleanup_error" in f else
                    f"{f['cleaned_nodes']}, {f['cleaned_shape_nodes']}, {f['cleaned_pad_nodes']}")
         lines.append(f"| {name}: {f['description']} | {f['nodes']}, {f['shape_nodes']}, "

@@ -66,7 +66,7 @@ def fake(monkeypatch, tmp_path):
     def prepare(model, facts):
         calls.append(("prepare", model.name))
         return bench.Subject(model, tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "h.npz",
-                             {"export_s": 1.0})
+                             {"export_s": 1.0, "notable_ops": {"Split": 2}})
 
     def compress_row(subj, method, ratio, calib_samples):
         calls.append(("compress", subj.model.name, method, ratio))
@@ -95,7 +95,7 @@ def test_a_failing_row_is_recorded_and_the_others_run(fake):
     assert "latency" not in failed
     assert rows["yolo_neck-ts|svd|0.5"]["latency"] == {"1": {"speedup": 1.5}}
     assert [c[0] for c in calls].count("prepare") == 1
-    assert facts == {"yolo_neck-ts": {"export_s": 1.0}}
+    assert facts == {"yolo_neck-ts": {"export_s": 1.0, "notable_ops": {"Split": 2}}}
 
 
 def test_rerun_skips_finished_rows_retries_failed_ones_and_times_missing_batches(fake):
