@@ -10,8 +10,12 @@ bias) timed side by side at each batch by ``compressor.latency.LatencyTable.comp
 (alternating order, spinning off, medians). Error: ||y - y64|| / ||y64|| against a float64
 torch convolution, on random normal inputs (batch 4).
 
-Target (issue 13): F(4x4,3x3) >= 1.3x faster than Conv on 3x3 stride-1 layers with >= 64
-channels at batch >= 16.
+Whole model: ResNet-18 (bench/archs.py, 224x224) through ``compressor compress --method
+fast-conv --batch 16`` (no data: errors on random inputs), then original vs compressed side by
+side (``LatencyTable.compare``) and the pipeline's own output check.
+
+Targets (issue 13): F(4x4,3x3) >= 1.3x faster than Conv on 3x3 stride-1 layers with >= 64
+channels at batch >= 16; ResNet-18 under fast-conv >= 1.15x faster at batch 16, cosine >= 0.9999.
 """
 
 from __future__ import annotations
@@ -143,6 +147,31 @@ def measure(layers: list[dict], batches: list[int], min_time_s: float) -> list[d
     return rows
 
 
+def whole_model(name: str, batch: int, min_time_s: float) -> dict:
+    import tempfile
+
+    import archs
+
+    from compressor.pipeline import CompressOptions, compress
+
+    with tempfile.TemporaryDirectory() as tmp:
+        original, compressed = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}_fc.onnx"
+        archs.export(name, original)
+        result = compress(CompressOptions(model=original, output=compressed, method="fast-conv",
+                                          batch=batch))
+        table = LatencyTable(LatencyContext(batch=batch), LatencyCache(persistent=False))
+        ms = table.compare({"original": onnx.load(original), "fast-conv": onnx.load(compressed)},
+                           min_time_s=min_time_s)
+    layers = [layer for r in result.passes for layer in r.layers]
+    chosen = {}
+    for layer in layers:
+        key = "Conv" if not layer.changed else layer.detail.split(" (")[0]
+        chosen[key] = chosen.get(key, 0) + 1
+    return dict(model=name, batch=batch, ms=ms, chosen=chosen,
+                cosine_min=result.verification.cosine_min,
+                relative_error=result.verification.relative_error)
+
+
 def render(result: dict) -> str:
     batches = result["batches"]
     lines = [
@@ -171,6 +200,14 @@ def render(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Target F(4x4) >= {TARGET}x Conv on layers with >= 64 channels at batch >= 16: "
               f"met on {hits} of {total} (layer, batch) pairs."]
+    for whole in result.get("whole", []):
+        ms = whole["ms"]
+        chosen = ", ".join(f"{k} x{v}" for k, v in sorted(whole["chosen"].items()))
+        lines += ["", f"Whole model: {whole['model']} at batch {whole['batch']} under `--method "
+                  f"fast-conv`: {ms['original']:.0f} ms -> {ms['fast-conv']:.0f} ms "
+                  f"({ms['original'] / ms['fast-conv']:.2f}x; target 1.15x), output cosine min "
+                  f"{whole['cosine_min']:.8f}, relative error {whole['relative_error']:.1e}; "
+                  f"layers: {chosen}."]
     return "\n".join(lines)
 
 
@@ -180,16 +217,24 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per comparison")
     parser.add_argument("--quick", action="store_true", help="ResNet-18's layers only, batch 16")
     parser.add_argument("--from-json", action="store_true", help="re-render docs/benchmarks/fast_conv.json")
+    parser.add_argument("--whole-only", action="store_true",
+                        help="only the whole-model run, added to the existing JSON's layers")
     args = parser.parse_args()
     raw = SECTIONS / "fast_conv.json"
     if args.from_json:
         result = json.loads(raw.read_text())
+    elif args.whole_only:
+        result = json.loads(raw.read_text())
+        result["whole"] = [whole_model("resnet18", 16, 3.0)]
+        atomic_write(raw, json.dumps(result, indent=1))
     else:
         batches = [16] if args.quick else [int(b) for b in args.batches.split(",")]
         layers = distinct(resnet18_layers() + ([] if args.quick else zoo_layers()))
         load0 = round(os.getloadavg()[0], 1)
         rows = measure(layers, batches, args.min_time)
         result = dict(batches=batches, rows=rows, load=[load0, round(os.getloadavg()[0], 1)])
+        if not args.quick:
+            result["whole"] = [whole_model("resnet18", 16, 3.0)]
         atomic_write(raw, json.dumps(result, indent=1))
     print(f"wrote {write_section('fast_conv', render(result))}")
 
