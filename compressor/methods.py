@@ -18,16 +18,22 @@ if TYPE_CHECKING:
 class Method:
     """``build(opts, calibration)`` makes the method's passes.
 
-    ``chooses_by_latency``: the passes take ``opts.speedup`` and a latency table and choose
-    per layer by measured time, and ``build`` takes two more keywords: ``latency`` (the
-    table) and ``exclude`` (names of layers to leave as they are: the recipe rolls layers back
-    through it). Other methods meet ``opts.ratio`` (MACs) only.
+    ``measures_latency``: the passes time their candidates, and ``build`` takes two more
+    keywords: ``latency`` (the shared latency table) and ``exclude`` (names of layers to leave
+    as they are: the recipe rolls layers back through it). ``chooses_by_latency``: besides,
+    the passes take a speed target (``opts.speedup``) and choose per layer to meet it. Other
+    methods meet ``opts.ratio`` (MACs) only.
     """
 
     name: str
     summary: str
     build: Callable[..., list[Pass]]
     chooses_by_latency: bool = False
+    measures_latency: bool = False
+
+    def __post_init__(self):
+        if self.chooses_by_latency:
+            object.__setattr__(self, "measures_latency", True)
 
 
 def _svd(opts, calibration, latency=None, exclude=frozenset()):
@@ -122,7 +128,7 @@ METHODS: dict[str, Method] = {
                          "custom op (runtime_ext; needs --data)", _lsh_window),
     "fast-conv": Method("fast-conv", "per layer, the fastest convolution algorithm by measured "
                         "latency (Winograd F(2x2)/F(4x4) custom op, runtime_ext) within "
-                        "--tolerance", _fast_conv),
+                        "--tolerance", _fast_conv, measures_latency=True),
 }
 
 

@@ -96,11 +96,11 @@ class CompressOptions:
                     f"--speedup must be a number > 1 (times faster than the original), "
                     f"got {self.speedup}")
             if self.ratio is None and self.quantize is None and not any(
-                    METHODS[m].chooses_by_latency for m in methods):
+                    METHODS[m].measures_latency for m in methods):
                 raise OptionError(
                     f"--speedup: {self.method} chooses by MACs only; give --ratio, or use a "
                     "method that chooses by measured latency: "
-                    + ", ".join(m.name for m in METHODS.values() if m.chooses_by_latency))
+                    + ", ".join(m.name for m in METHODS.values() if m.measures_latency))
         if self.ratio is None:
             object.__setattr__(self, "ratio", 0.5 if self.speedup is None else 1.0)
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:

@@ -226,7 +226,7 @@ class Recipe:
                     speed_target = None
             stage_opts = dataclasses.replace(opts, method=name, ratio=ratio_target,
                                              speedup=speed_target)
-            if method.chooses_by_latency:
+            if method.measures_latency:
                 passes = method.build(stage_opts, self.calibration, latency=self.latency,
                                       exclude=exclude)
             else:  # the plain builder signature, which registered methods may have

@@ -95,6 +95,8 @@ def test_ratio_default_depends_on_speedup(tmp_path):
     assert CompressOptions(**base).ratio == 0.5
     assert CompressOptions(**base, speedup=2.0).ratio == 1.0  # no MACs cap
     assert CompressOptions(**base, speedup=2.0, ratio=0.7).ratio == 0.7
+    # fast-conv takes no target but chooses by measured time: --speedup is measured for it
+    assert CompressOptions(**{**base, "method": "fast-conv"}, speedup=1.2).ratio == 1.0
 
 
 def test_composition_runs_in_order_and_shares_the_ratio(small_model, tmp_path):
