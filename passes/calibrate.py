@@ -30,6 +30,10 @@ DEFAULT_BATCH_SIZE = 128
 # below the calibration's so that a model with large activations (ResNet-50 at 224 x 224: ~100
 # MB of conv inputs per image) keeps its peak memory set by the model, not by --calib-samples.
 MAX_BATCH_BYTES = 256 * 2**20
+# onnxruntime's own intermediate tensors are not among the requested outputs: a batch is also
+# sized as if each sample's live activations took this many times its input (ResNet's stem
+# output alone is 5.3 times a 224 x 224 image, with the block input live beside it)
+ACTIVATION_FACTOR = 16
 
 
 class StageClock:
@@ -258,17 +262,24 @@ class Calibration:
     def _batches(self, run: Callable[[int, int], int], label: str) -> None:
         """Call ``run(start, stop)`` over the samples in order, for one sample first; ``run``
         returns the bytes its outputs took, which sets the following batches' size: at most
-        the calibration's batch size, and at most ``MAX_BATCH_BYTES`` of outputs."""
+        the calibration's batch size, and at most ``MAX_BATCH_BYTES`` of outputs plus
+        ``ACTIVATION_FACTOR`` times the inputs (onnxruntime's own live activations)."""
         total, start, size = len(self), 0, 1
         while start < total:
             stop = min(start + size, total)
             used = run(start, stop)
             if start == 0:
-                per_sample = max(1, used // (stop - start))
+                per_sample = max(1, used // (stop - start)
+                                 + ACTIVATION_FACTOR * self._sample_bytes())
                 size = max(1, min(self.batch_size, MAX_BATCH_BYTES // per_sample))
             start = stop
             if self.progress is not None:
                 self.progress(label, stop, total)
+
+    def _sample_bytes(self) -> int:
+        """Bytes of one sample of every input."""
+        arrays = [self._unnamed] if self._unnamed is not None else self._arrays.values()
+        return sum(a[0].nbytes for a in arrays)
 
     def _feed(self, input_names: Sequence[str], start: int, stop: int) -> dict[str, np.ndarray]:
         return {name: array[start:stop] for name, array in self._select(input_names).items()}
