@@ -126,3 +126,22 @@ def compress_zoo(tmp_path):
         return proto
 
     return compress
+
+
+@pytest.fixture(scope="module")
+def lenet5() -> onnx.ModelProto:
+    """The zoo's trained LeNet-5, cleaned up as the pipeline does before its passes (exported
+    through TorchScript: a second, where the torch.export exporter takes ten)."""
+    import torch
+
+    from compressor.io import export_to_onnx
+    from compressor.models import zoo
+    from compressor.passes.cleanup import CleanupPass
+
+    entry = zoo.get("lenet5")
+    if not entry.checkpoint.is_file():
+        pytest.skip("no lenet5 checkpoint")
+    traced = torch.jit.trace(zoo.load_pretrained("lenet5").eval(),
+                             torch.zeros(2, *entry.input_shape))
+    proto = export_to_onnx(traced, tuple(entry.input_shape))
+    return ir.serde.serialize_model(CleanupPass()(ir.serde.deserialize_model(proto)).model)

@@ -5,14 +5,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 import structural_nets as nets
+from fake_latency import FakeTable, fake_ms
 
 from compressor import runtime
 from compressor.errors import CompressionError, OptionError
-from compressor.latency import LatencyCache, LatencyContext, LatencyTable
 from compressor.passes.budget import EXCLUDED_REASON
 from compressor.passes.calibrate import Calibration
 from compressor.passes.prune import PruneChannelsPass, PruneConfig
-from compressor.profile import profile_model
 
 
 def _ir(proto):
@@ -154,44 +153,6 @@ def test_repr_shows_config():
 
 
 # ----------------------------------------------------------------------------- by measured time
-
-
-def fake_ms(proto, penalty=None):
-    """Deterministic stand-in for timings: each Conv/Gemm/MatMul costs 1 ms per million MACs
-    plus 2 us, plus ``penalty(layer profile)``. Bilinear in a layer's (input, output) widths,
-    so the pass's interpolation between measured widths is exact and its prediction can be
-    checked against the same rule applied to the pruned model."""
-    return sum(layer.macs * 1e-6 + 0.002 + (penalty(layer) if penalty else 0.0)
-               for layer in profile_model(proto).layers
-               if layer.op in ("Conv", "Gemm", "MatMul"))
-
-
-class FakeTable(LatencyTable):
-    def __init__(self, penalty=None):
-        super().__init__(LatencyContext(), LatencyCache(persistent=False))
-        self.penalty = penalty
-
-    def measure(self, proto, min_time_s):
-        return fake_ms(proto, self.penalty)
-
-
-@pytest.fixture(scope="module")
-def lenet5():
-    """The zoo's trained LeNet-5 (TorchScript export: a second), cleaned up as the pipeline
-    does before pruning."""
-    import torch
-
-    from compressor.io import export_to_onnx
-    from compressor.models import zoo
-    from compressor.passes.cleanup import CleanupPass
-
-    entry = zoo.get("lenet5")
-    if not entry.checkpoint.is_file():
-        pytest.skip("no lenet5 checkpoint")
-    traced = torch.jit.trace(zoo.load_pretrained("lenet5").eval(),
-                             torch.zeros(2, *entry.input_shape))
-    proto = export_to_onnx(traced, tuple(entry.input_shape))
-    return ir.serde.serialize_model(CleanupPass()(_ir(proto)).model)
 
 
 CONV2 = "/features/3/Conv"  # lenet5's 6 -> 16 channel conv, flattened into the first Gemm

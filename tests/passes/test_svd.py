@@ -4,13 +4,12 @@ import onnx_ir as ir
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_latency import FakeTable, fake_ms
 
 from compressor.errors import OptionError
-from compressor.latency import LatencyCache, LatencyContext, LatencyTable
 from compressor.passes.budget import EXCLUDED_REASON
 from compressor.passes.calibrate import Calibration
 from compressor.passes.svd import LowRankSVDPass, SVDConfig
-from compressor.profile import profile_model
 
 
 def _weights(model: ir.Model) -> dict[str, np.ndarray]:
@@ -174,41 +173,6 @@ def test_finer_rank_multiples_when_the_ratio_needs_them(convnet, rng):
 
 
 # ----------------------------------------------------------------------------- by measured time
-
-
-def fake_ms(proto: onnx.ModelProto, penalty=None) -> float:
-    """A deterministic stand-in for timings: each Conv/Gemm/MatMul costs 1 ms per million
-    MACs plus 2 us, plus ``penalty(layer profile)``; additive over layers, so the predicted
-    time of a compressed model can be checked exactly against the same rule on the result."""
-    return sum(layer.macs * 1e-6 + 0.002 + (penalty(layer) if penalty else 0.0)
-               for layer in profile_model(proto).layers
-               if layer.op in ("Conv", "Gemm", "MatMul"))
-
-
-class FakeTable(LatencyTable):
-    def __init__(self, penalty=None):
-        super().__init__(LatencyContext(), LatencyCache(persistent=False))
-        self.penalty = penalty
-
-    def measure(self, proto, min_time_s):
-        return fake_ms(proto, self.penalty)
-
-
-@pytest.fixture(scope="module")
-def lenet5() -> onnx.ModelProto:
-    """The zoo's trained LeNet-5, cleaned up as the pipeline does before svd (exported through
-    TorchScript: a second, where the torch.export exporter takes ten)."""
-    from compressor.io import export_to_onnx
-    from compressor.models import zoo
-    from compressor.passes.cleanup import CleanupPass
-
-    entry = zoo.get("lenet5")
-    if not entry.checkpoint.is_file():
-        pytest.skip("no lenet5 checkpoint")
-    traced = torch.jit.trace(zoo.load_pretrained("lenet5").eval(),
-                             torch.zeros(2, *entry.input_shape))
-    proto = export_to_onnx(traced, tuple(entry.input_shape))
-    return ir.serde.serialize_model(CleanupPass()(ir.serde.deserialize_model(proto)).model)
 
 
 def _ir(proto: onnx.ModelProto) -> ir.Model:
