@@ -348,7 +348,9 @@ def compress_command(
         report.summary_table(
             result.before,
             result.after,
-            requested_ratio=result.ratio_requested,
+            # under --speedup without --ratio there is no MACs target to be met or missed
+            requested_ratio=None if speedup is not None and ratio is None
+            else result.ratio_requested,
             ratio_of="macs",
             output_error=result.verification.relative_error,
             agreement=result.verification.agreement,

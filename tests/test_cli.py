@@ -385,3 +385,22 @@ def test_onnx_input_round_trip(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert read_recipe(onnx.load(second))["source"]["format"] == "onnx"
+
+
+def test_speedup_reports_target_and_measurement(tmp_path, monkeypatch):
+    """--speedup: the summary says the target, predicted and measured speedup (not a MACs
+    target nobody gave), and --json carries the same figures and the stage timings."""
+    monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(tmp_path / "cache"))
+    common = ["compress", zoo.get("mlp").checkpoint, "--arch", "mlp", "-m", "svd",
+              "--speedup", "1.2", "--data", CALIB, "--calib-samples", "64"]
+    result = invoke(*common, "-o", tmp_path / "a.onnx")
+    assert result.exit_code == 0, result.output
+    assert "target 1.20x" in result.output and "measured speedup" in result.output
+    assert "requested" not in result.output
+    result = invoke(*common, "-o", tmp_path / "b.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["speed"]["target"] == 1.2 and report["speed"]["batch"] == 1
+    assert report["speed"]["met"] == (report["speed"]["measured"] >= 1.2)
+    assert {"load", "cleanup", "verify", "save", "total"} <= set(report["timings"])
+    assert (tmp_path / "cache" / "latency.json").is_file()  # timings cached where asked
