@@ -32,7 +32,6 @@ import datetime as _dt
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import archs  # noqa: E402
-from common import ROOT, SECTIONS, atomic_write, write_section  # noqa: E402
+from common import ROOT, SECTIONS, atomic_write, commit, write_section  # noqa: E402
 
 from compressor import io, runtime  # noqa: E402
 from compressor.data import load_data  # noqa: E402
@@ -146,17 +145,6 @@ def subject(name: str) -> Subject:
 # ------------------------------------------------------------------------------- measuring
 
 
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def _outputs(model: Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return run_outputs(runtime.session(model if isinstance(model, onnx.ModelProto)
                                        else str(model)), x)
@@ -241,7 +229,7 @@ def run_row(subj: Subject, recipe: str, batch: int, target: float | None,
             reference_outputs: np.ndarray, reference_quality: dict, latency_time: float,
             tmp: Path) -> dict:
     row = {"model": subj.name, "family": subj.family, "recipe": recipe, "batch": batch,
-           "target": target, "commit": _commit(),
+           "target": target, "commit": commit(),
            "when": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "load_before": os.getloadavg()[0]}
     reference_profile = profile_model(onnx.load(str(subj.reference)))
@@ -317,7 +305,7 @@ def run(models, recipes, batches, speedups, latency_time: float, redo: bool,
                         except Exception as exc:  # a failed row is recorded, the rest run
                             traceback.print_exc()
                             row = {"model": name, "family": subj.family, "recipe": recipe,
-                                   "batch": batch, "target": target, "commit": _commit(),
+                                   "batch": batch, "target": target, "commit": commit(),
                                    "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
                     row["data"] = subj.eval_name
                     cache[key] = row

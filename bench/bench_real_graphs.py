@@ -45,7 +45,6 @@ import collections
 import datetime as _dt
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -64,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import archs  # noqa: E402
 import encoders  # noqa: E402
-from common import ROOT, SECTIONS, atomic_write, write_section  # noqa: E402
+from common import ROOT, SECTIONS, atomic_write, commit, write_section  # noqa: E402
 
 from compressor.data import load_data  # noqa: E402
 from compressor.evaluate import evaluate  # noqa: E402
@@ -366,17 +365,6 @@ def prepare(model: Model, facts_cache: dict) -> Subject:
 # ------------------------------------------------------------------------------- measuring
 
 
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def _key(model: str, method: str, ratio: float) -> str:
     return f"{model}|{method}|{ratio:g}"
 
@@ -469,7 +457,7 @@ def run(models, methods, ratios, batches_for, latency_time: float, calib_samples
                             for r in ratios:
                                 rows[_key(name, m, r)] = {"model": name, "method": m,
                                                           "ratio": r, "error": error,
-                                                          "commit": _commit()}
+                                                          "commit": commit()}
                         save()
                         break
                     facts[name] = subj.facts
@@ -478,12 +466,12 @@ def run(models, methods, ratios, batches_for, latency_time: float, calib_samples
                 if not done:
                     row = {"model": name, "method": method, "ratio": ratio,
                            "family": model.family, "exporter": model.exporter,
-                           "compressed_at": _commit()}
+                           "compressed_at": commit()}
                     try:
                         row.update(compress_row(subj, method, ratio, calib_samples))
                     except Exception as exc:  # a failed row is recorded, the rest run
                         row["error"] = _failure(exc, "compress")
-                row.update(commit=_commit(), load_before=os.getloadavg()[0],
+                row.update(commit=commit(), load_before=os.getloadavg()[0],
                            when=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
                 if "error" not in row:
                     try:

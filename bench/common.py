@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def machine_line() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}, "
             f"Python {platform.python_version()}")
+
+
+def commit() -> str:
+    """The checkout's short commit, with ``+dirty`` when tracked files have changes: rows say
+    which code measured them."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def atomic_write(path: Path, text: str) -> None:
