@@ -312,33 +312,6 @@ class Calibration:
 
         self._batches(run, label)
 
-    def stream_pair(
-        self,
-        first: tuple[ir.Model | onnx.ModelProto, list[str]],
-        second: tuple[ir.Model | onnx.ModelProto, list[str]],
-        consume: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None],
-        label: str = "calibrating",
-        clock: StageClock | None = None,
-        stage: str = "calibration",
-    ) -> None:
-        """Run two models on the same batches (e.g. the original and the partly compressed
-        one) and call ``consume`` with both sets of named tensors (batches sized for both)."""
-        sessions = [self._session_with_outputs(m, names) for m, names in (first, second)]
-        wanted = [[i.name for i in s.get_inputs()] for s in sessions]
-
-        def run(start: int, stop: int) -> int:
-            got = []
-            with _timed(clock, f"{stage} forward"):
-                for sess, inputs, (_, names) in zip(sessions, wanted, (first, second),
-                                                    strict=True):
-                    outputs = sess.run(names, self._feed(inputs, start, stop))
-                    got.append(dict(zip(names, outputs, strict=True)))
-            with _timed(clock, f"{stage} statistics"):
-                consume(*got)
-            return sum(o.nbytes for part in got for o in part.values())
-
-        self._batches(run, label)
-
     def collect(self, model: ir.Model, value_names: list[str]) -> dict[str, np.ndarray]:
         """The named intermediate tensors on every calibration input, concatenated on axis 0."""
         parts: dict[str, list[np.ndarray]] = {name: [] for name in value_names}

@@ -39,6 +39,7 @@ from compressor.passes.graph import (
     conv_node,
     replace_node,
 )
+from compressor.passes.walk import CalibrationWalk
 from compressor.profile import profile_model, static_shapes
 
 Shape = tuple[int, ...]
@@ -277,22 +278,20 @@ def gather_moments(
 
 
 def gather_cross_moments(
-    calibration: Calibration,
-    original: onnx.ModelProto,
+    walk: CalibrationWalk,
     current: ir.Model,
     layer: LinearLayer,
     max_rows_per_batch: int = 20000,
     seed: int = 0,
     current_value: str | None = None,
     current_conv: ConvAttributes | None = None,
-    clock: StageClock | None = None,
     label: str | None = None,
 ) -> CrossMoments:
     """Paired statistics at the same output positions of the same inputs: the layer's input
-    rows in the original model, and in the current (partly compressed) one either the same
-    tensor or ``current_value`` read with ``current_conv``'s window (e.g. the hidden tensor of
-    a factorised layer, to refit its second stage). Streamed batch by batch; each model runs
-    only as far as the tensor it is asked for."""
+    rows in the walk's reference (original) model, and in the current (partly compressed) one
+    either the same tensor or ``current_value`` read with ``current_conv``'s window (e.g. the
+    hidden tensor of a factorised layer, to refit its second stage). Streamed batch by batch;
+    each model runs only from where the walk stands to the tensor asked for."""
     name = layer.input_name
     now_name = current_value or name
     moments = CrossMoments.zeros(layer.fan_in, None if current_value is None else
@@ -311,8 +310,7 @@ def gather_cross_moments(
             rows_hat = layer_rows(layer, now[now_name], index=index)
         moments.add(rows, rows_hat)
 
-    calibration.stream_pair((original, [name]), (current, [now_name]), consume,
-                            label=label or f"refit {layer.name}", clock=clock, stage="refit")
+    walk.stream(current, [name], [now_name], consume, label=label or f"refit {layer.name}")
     return moments
 
 

@@ -65,6 +65,7 @@ from compressor.passes.importance import (
     make_criterion,
 )
 from compressor.passes.lowrank import find_linear_layers, gather_moments
+from compressor.passes.walk import CalibrationWalk
 from compressor.profile import profile_model, static_shapes
 
 RANKINGS = ("global", "per-layer")
@@ -724,30 +725,6 @@ def _partner_rows(t: np.ndarray, kind: str, max_rows: int, seed: int,
     return rows[_row_index(len(t), positions, max_rows, seed, first_sample)].astype(np.float64)
 
 
-def _prefix_model(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``names``, with them as its outputs: onnxruntime
-    runs every node of a graph whatever is fetched, so a refit of an early layer would
-    otherwise pay for the whole network."""
-    proto = ir.serde.serialize_model(model)
-    graph = proto.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-           for node in graph.node for a in node.attribute):
-        return proto  # subgraphs may read anything: keep the whole model
-    needed = set(names)
-    kept = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    initializers = [t for t in graph.initializer if t.name in needed]
-    inputs = [v for v in graph.input if v.name in needed or v is graph.input[0]]
-    outputs = [onnx.helper.make_empty_tensor_value_info(n) for n in names]
-    sub = onnx.helper.make_graph(list(reversed(kept)), graph.name, inputs, outputs, initializers)
-    out = onnx.helper.make_model(sub, opset_imports=proto.opset_import)
-    out.ir_version = proto.ir_version
-    return out
-
-
 def fit_to_original(model: ir.Model, original: onnx.ModelProto, graph: DependencyGraph,
                     transforms: Mapping[int, ChannelTransform], calibration: Calibration, *,
                     full: bool = True, ridge: float = 0.003, max_rows: int = 8192,
@@ -790,60 +767,38 @@ def fit_to_original(model: ir.Model, original: onnx.ModelProto, graph: Dependenc
     if not targets:
         return errors
 
-    # What each target layer should output at sampled rows of every batch, from one pass over
-    # the original network (rows are drawn with the batch's seed, so the compressed network is
+    # Each target is fitted to what it should output at sampled rows of every batch: the
+    # original layer's output (rows are drawn per sample with the seed, so both networks are
     # sampled at the same positions). A layer feeding a residual Add is asked for what makes
     # the *sum* right: its original output plus the original other branch, less what the other
-    # branch now gives, so it also absorbs the error arriving through the shortcut.
-    wanted: dict[str, list[np.ndarray]] = {t.layer.name: [] for t in targets}
-    ref_inputs = list(dict.fromkeys(
-        name for t in targets for name in (t.x_name, t.partner) if name is not None))
-    seen = [0]
-
-    def keep_targets(batch: dict[str, np.ndarray]) -> None:
-        first = seen[0]
-        for t in targets:
-            x = _rows(t.ref, batch[t.x_name], max_rows, seed, first)
-            y = x.astype(np.float64) @ t.weight.T + t.bias
-            if t.partner is not None:
-                y += _partner_rows(batch[t.partner], t.ref.kind, max_rows, seed,
-                                   first) @ t.produce.T
-            wanted[t.layer.name].append(y.astype(np.float32))
-        seen[0] = first + len(next(iter(batch.values())))
-
-    calibration.stream(_prefix_model(reference, ref_inputs), ref_inputs, keep_targets,
-                       label="refit targets")
-    # rows are drawn per sample, the same number from each: a batch of the refit's own
-    # streams (sized for its tensors) reads its samples' rows by offset
-    targets_by_layer = {name: np.concatenate(parts) for name, parts in wanted.items()}
-    wanted.clear()
-
-    def fit(t: _Target) -> None:
+    # branch now gives, so it also absorbs the error arriving through the shortcut. One walk
+    # through both networks serves every target: no prefix runs twice.
+    def fit(t: _Target, walk: CalibrationWalk) -> None:
         inputs = [t.x_name] + ([t.partner] if t.partner is not None else [])
         moments = _Normal(t.linear.weight.shape[1], len(t.weight))
         done = [0]
-        every = targets_by_layer[t.layer.name]
-        per_sample = len(every) // len(calibration)
 
-        def consume(now: dict[str, np.ndarray]) -> None:
+        def consume(ref: dict[str, np.ndarray], now: dict[str, np.ndarray]) -> None:
             first = done[0]
-            count = len(now[t.x_name])
-            done[0] = first + count
+            done[0] = first + len(now[t.x_name])
+            x = _rows(t.ref, ref[t.x_name], max_rows, seed, first)
+            y = x.astype(np.float64) @ t.weight.T + t.bias
             x_hat = _rows(t.linear, now[t.x_name], max_rows, seed, first)
-            y = every[first * per_sample:(first + count) * per_sample]
             if t.partner is not None:
-                y = y - _partner_rows(now[t.partner], t.linear.kind, max_rows, seed, first)
+                y += _partner_rows(ref[t.partner], t.ref.kind, max_rows, seed,
+                                   first) @ t.produce.T
+                y -= _partner_rows(now[t.partner], t.linear.kind, max_rows, seed, first)
             moments.add(y, x_hat)
 
-        calibration.stream(_prefix_model(model, inputs), inputs, consume,
-                           label="refit" if full else "bias correction")
+        walk.stream(model, inputs, inputs, consume,
+                    label=f"{'refit' if full else 'bias correction'} {t.layer.name}")
         weight, bias, error = _solve(t.linear, moments, full, ridge)
         _write_linear(t.layer.node, t.linear, weight, bias, names)
         errors[t.layer.name] = error
-        del targets_by_layer[t.layer.name]
 
-    for target in targets:
-        fit(target)
+    with CalibrationWalk(calibration, reference) as walk:
+        for target in targets:
+            fit(target, walk)
     return errors
 
 

@@ -40,7 +40,7 @@ from compressor.latency import (
     filler,
     fused_activation,
 )
-from compressor.passes.base import Pass, PassConfig, PassResult
+from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
 from compressor.passes.budget import EXCLUDED_REASON, Option, allocate
 from compressor.passes.calibrate import Calibration, CrossMoments, StageClock
 from compressor.passes.graph import (
@@ -58,6 +58,7 @@ from compressor.passes.lowrank import (
     replace_with_two_stage,
     survey,
 )
+from compressor.passes.walk import CalibrationWalk
 
 SCHEMES = ("channel", "spatial")
 MAX_SPATIAL_RANKS = 24
@@ -201,11 +202,39 @@ class LowRankSVDPass(Pass):
             chosen = {name: o.payload
                       for name, o in zip(analyses, allocation.choices, strict=True)}
 
-        names = NameScope(model.graph)
-        basis = "calibration" if data_aware else "weights"
         sequential = data_aware and cfg.sequential
-        upstream_changed = False
         to_write = sum(1 for layer in layers if chosen.get(layer.name) is not None)
+        # the refits read each layer's inputs in the original and the compressed network from
+        # one walk through both, so no prefix of either runs twice
+        walk = CalibrationWalk(self.calibration, proto, clock=clock) if sequential else None
+        try:
+            self._write(model, layers, analyses, chosen, timing, records, walk, clock,
+                        to_write)
+        finally:
+            if walk is not None:
+                walk.close()
+        macs_after = outside_macs + sum(r.macs_after for r in records if r.macs_before)
+        return PassResult(
+            model=model,
+            modified=any(r.skipped is None for r in records),
+            layers=records,
+            notes=notes,
+            stats={"macs_before": total_macs, "macs_after": macs_after,
+                   "ratio_reached": macs_after / total_macs if total_macs else 1.0,
+                   "data_aware": data_aware, **latency_stats,
+                   "seconds_by_stage": clock.seconds},
+        )
+
+    def _write(self, model: ir.Model, layers: list[LinearLayer],
+               analyses: dict[str, _LayerAnalysis], chosen: dict, timing: dict[str, _Timing],
+               records: list[LayerRecord], walk: CalibrationWalk | None, clock: StageClock,
+               to_write: int) -> None:
+        """Rewrite every chosen layer in graph order, refitting it on the walk when there is
+        one, and record each layer."""
+        cfg: SVDConfig = self.config
+        names = NameScope(model.graph)
+        basis = "calibration" if self.calibration is not None else "weights"
+        upstream_changed = False
         written = 0
         for layer in layers:
             if layer.name in cfg.exclude:
@@ -231,35 +260,23 @@ class LowRankSVDPass(Pass):
                 len(self.calibration) * layer.positions >= MIN_ROWS_PER_FEATURE * layer.fan_in)
             written += 1
             label = f"refit layer {written}/{to_write}: {layer.name}"
-            if sequential and upstream_changed and choice.scheme == "channel" and enough:
-                paired = gather_cross_moments(self.calibration, proto, model, layer,
-                                              cfg.max_rows_per_batch, cfg.seed, clock=clock,
-                                              label=label)
+            if walk is not None and upstream_changed and choice.scheme == "channel" and enough:
+                paired = gather_cross_moments(walk, model, layer, cfg.max_rows_per_batch,
+                                              cfg.seed, label=label)
                 with clock("refit solve"):
                     macs, params, shape_after, detail, error = analysis.apply_asymmetric(
                         model, choice, names, paired)
             else:
                 with clock("rewrite"):
                     macs, params, shape_after, detail = analysis.apply(model, choice, names)
-                if sequential and choice.scheme == "spatial" and enough:
-                    error = analysis.refit_spatial(model, self.calibration, proto, clock, label)
+                if walk is not None and choice.scheme == "spatial" and enough:
+                    error = analysis.refit_spatial(model, walk, label)
                     detail += ", refit"
             upstream_changed = True
             records.append(layer.record(
                 shape_after=shape_after, macs_after=macs, params_after=params,
                 error=error, error_basis=basis, detail=detail, **measured,
             ))
-        macs_after = outside_macs + sum(r.macs_after for r in records if r.macs_before)
-        return PassResult(
-            model=model,
-            modified=any(r.skipped is None for r in records),
-            layers=records,
-            notes=notes,
-            stats={"macs_before": total_macs, "macs_after": macs_after,
-                   "ratio_reached": macs_after / total_macs if total_macs else 1.0,
-                   "data_aware": data_aware, **latency_stats,
-                   "seconds_by_stage": clock.seconds},
-        )
 
     def _choose_by_latency(self, proto: onnx.ModelProto, analyses: dict[str, _LayerAnalysis],
                            total_macs: int, notes: list[str]):
@@ -601,18 +618,15 @@ class _LayerAnalysis:
         params = vertical.size + horizontal.size + layer.outputs
         return self._spatial_macs(r), params, tuple(vertical.shape), f"spatial rank {r}"
 
-    def refit_spatial(self, model: ir.Model, calibration: Calibration,
-                      original: onnx.ModelProto, clock: StageClock | None = None,
+    def refit_spatial(self, model: ir.Model, walk: CalibrationWalk,
                       label: str | None = None) -> float:
         """Keep the vertical k x 1 stage; solve the horizontal 1 x k stage and the bias by
         least squares so the layer's output on the compressed network's inputs matches the
         original layer's output on the original inputs. Returns the relative output error."""
         layer, cfg = self.layer, self.cfg
         hidden, h_attrs, weight_value, bias_value = self._spatial_nodes
-        paired = gather_cross_moments(calibration, original, model, layer,
-                                      cfg.max_rows_per_batch, cfg.seed,
-                                      current_value=hidden, current_conv=h_attrs,
-                                      clock=clock, label=label)
+        paired = gather_cross_moments(walk, model, layer, cfg.max_rows_per_batch, cfg.seed,
+                                      current_value=hidden, current_conv=h_attrs, label=label)
         w = layer.weight
         cov_z = paired.covariance_hat
         cross_yz = w @ paired.cross_covariance  # Cov(y, z) with y = W x

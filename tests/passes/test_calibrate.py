@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
+from two_inputs import two_input_model, two_inputs
 
 from compressor.errors import DataError
 from compressor.models import zoo
@@ -60,34 +61,6 @@ def test_empty_calibration_is_rejected():
         Calibration(np.zeros((0, 3), dtype=np.float32))
 
 
-def two_input_model() -> onnx.ModelProto:
-    """y = x * 2 + Cast(ids), h = ids + 1 (int64): a float and an integer input."""
-    graph = helper.make_graph(
-        [
-            helper.make_node("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", ["x", "two"], ["x2"]),
-            helper.make_node("Add", ["x2", "ids_f"], ["y"]),
-            helper.make_node("Add", ["ids", "one"], ["h"]),
-        ],
-        "two",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
-         helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
-         numpy_helper.from_array(np.array(1, np.int64), "one")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    return model
-
-
-def two_inputs(n: int = 10) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(4)
-    return {"x": rng.standard_normal((n, 3)).astype(np.float32),
-            "ids": rng.integers(0, 1000, (n, 3))}
-
-
 def test_feeds_batch_every_input_in_order_and_keep_integer_types():
     inputs = two_inputs(10)
     calib = Calibration(inputs, batch_size=4)
@@ -111,18 +84,6 @@ def test_stream_and_collect_feed_both_inputs():
     np.testing.assert_allclose(got["y"], inputs["x"] * 2 + inputs["ids"], rtol=1e-6)
     assert got["h"].dtype == np.int64
     np.testing.assert_array_equal(got["h"], inputs["ids"] + 1)
-
-
-def test_stream_pair_feeds_each_model_the_same_batches():
-    inputs = two_inputs(7)
-    model = ir.serde.deserialize_model(two_input_model())
-    pairs = []
-    Calibration(inputs, batch_size=4).stream_pair(
-        (model, ["y"]), (two_input_model(), ["h"]), lambda a, b: pairs.append((a, b)))
-    # a first batch of one sample measures the outputs' size, then batches of the batch size
-    assert [len(a["y"]) for a, _ in pairs] == [1, 4, 2]
-    assert [len(b["h"]) for _, b in pairs] == [1, 4, 2]
-    np.testing.assert_array_equal(np.concatenate([b["h"] for _, b in pairs]), inputs["ids"] + 1)
 
 
 def test_subset_keeps_every_input_and_the_settings():
