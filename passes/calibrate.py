@@ -331,8 +331,11 @@ def gram(rows: np.ndarray) -> np.ndarray:
     if rows32.shape[0] == 0:
         return np.zeros((rows32.shape[1], rows32.shape[1]))
     upper = ssyrk(1.0, rows32.T, trans=0)  # rows32.T is Fortran-ordered: no copy
-    upper = upper.astype(np.float64)
-    return upper + np.triu(upper, 1).T
+    # ssyrk fills the upper triangle and leaves zeros below: mirror it (the diagonal once)
+    full = upper.astype(np.float64)
+    full += full.T
+    full[np.diag_indices_from(full)] *= 0.5
+    return full
 
 
 @dataclass

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
 
 from compressor.errors import OptionError
 from compressor.latency import (
@@ -50,6 +51,7 @@ from compressor.passes.graph import (
     conv_node,
     replace_node,
 )
+from compressor.passes.linalg import map_per_core
 from compressor.passes.lowrank import (
     LinearLayer,
     gather_cross_moments,
@@ -161,15 +163,20 @@ class LowRankSVDPass(Pass):
         if not data_aware:
             notes.append("no calibration data: SVD minimises weight error, not output error")
 
-        analyses = {}
-        for layer in layers:
-            if layer.name in cfg.exclude:
-                continue
+        by_ratio = cfg.rank is None and cfg.energy is None and cfg.speedup is None
+
+        def analyse(layer: LinearLayer) -> _LayerAnalysis:
             m = moments.pop(layer.name, None)  # its covariance lives on in the analysis
             cov = m.covariance if m is not None else np.eye(layer.fan_in)
-            with clock("decompositions"):
-                analyses[layer.name] = _LayerAnalysis(layer, cov, None if m is None else m.mean,
-                                                      cfg)
+            analysis = _LayerAnalysis(layer, cov, None if m is None else m.mean, cfg)
+            if by_ratio:
+                analysis.options()  # the spatial errors: a d x d factorisation each
+            return analysis
+
+        wanted = [layer for layer in layers if layer.name not in cfg.exclude]
+        with clock("decompositions"):
+            analyses = dict(zip((layer.name for layer in wanted),
+                                map_per_core(analyse, wanted), strict=True))
 
         outside_macs = total_macs - sum(layer.dense_macs for layer in layers)
         fixed_macs = total_macs - sum(a.layer.dense_macs for a in analyses.values())
@@ -346,11 +353,7 @@ class _LayerAnalysis:
         self.multiple = cfg.rank_multiple
         self._options: dict[int, list[Option]] = {}
         w = layer.weight
-        output_cov = w @ cov @ w.T
-        eigvals, eigvecs = np.linalg.eigh((output_cov + output_cov.T) / 2)
-        order = np.argsort(eigvals)[::-1]
-        self.eigvals = np.clip(eigvals[order], 0.0, None)
-        self.eigvecs = eigvecs[:, order]
+        self.eigvals, self.eigvecs = _output_eigen(w, cov)
         self.energy = float(self.eigvals.sum())
         self.max_rank = min(w.shape)
         self.dense_reason = "factorised form is not cheaper than dense"
@@ -583,10 +586,8 @@ class _LayerAnalysis:
         w = layer.weight
         cross, cov_hat = paired.cross_covariance, paired.covariance_hat
         ridge = REFIT_RIDGE * max(np.trace(cov_hat) / len(cov_hat), 1e-12)
-        w_ls = np.linalg.solve(cov_hat + ridge * np.eye(len(cov_hat)), cross.T @ w.T).T
-        fitted = w_ls @ cov_hat @ w_ls.T
-        eigvals, eigvecs = np.linalg.eigh((fitted + fitted.T) / 2)
-        basis = eigvecs[:, np.argsort(eigvals)[::-1][:r]]
+        w_ls = _solve_psd(cov_hat + ridge * np.eye(len(cov_hat)), cross.T @ w.T).T
+        basis = _output_eigen(w_ls, cov_hat)[1][:, :r]
         project = basis.T @ w_ls
         approx = basis @ project
         bias = (np.zeros(layer.outputs) if layer.bias is None else layer.bias.copy())
@@ -631,7 +632,7 @@ class _LayerAnalysis:
         cov_z = paired.covariance_hat
         cross_yz = w @ paired.cross_covariance  # Cov(y, z) with y = W x
         ridge = REFIT_RIDGE * max(np.trace(cov_z) / len(cov_z), 1e-12)
-        h = np.linalg.solve(cov_z + ridge * np.eye(len(cov_z)), cross_yz.T).T
+        h = _solve_psd(cov_z + ridge * np.eye(len(cov_z)), cross_yz.T).T
         bias = (np.zeros(layer.outputs) if layer.bias is None else layer.bias.copy())
         bias += w @ paired.mean - h @ paired.mean_hat
         weight_value.const_value = ir.tensor(
@@ -658,16 +659,48 @@ class _LayerAnalysis:
         self._spatial_nodes = (first.outputs[0].name, h_attrs, wh, b)
 
 
+def _output_eigen(w: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending, >= 0) and eigenvectors of the output covariance W cov W^T:
+    min(outputs, fan-in) of them, the most a rank can use.
+
+    With more outputs than inputs (ResNet-50's expanding 1 x 1 convs: 2048 x 512) the
+    outputs-side matrix has rank at most the fan-in: the left singular vectors of W L
+    (L L^T = cov) give the same from an outputs x fan-in SVD, 16x less work there than the
+    2048 x 2048 eigendecomposition."""
+    o, d = w.shape
+    factor = _psd_factor(cov) if o > d else None
+    if factor is not None:
+        u, singular, _ = np.linalg.svd(w @ factor, full_matrices=False)
+        return singular * singular, u
+    output_cov = w @ cov @ w.T
+    eigvals, eigvecs = np.linalg.eigh((output_cov + output_cov.T) / 2)
+    order = np.argsort(eigvals)[::-1]
+    return np.clip(eigvals[order], 0.0, None), eigvecs[:, order]
+
+
+def _solve_psd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a^-1 b for a symmetric positive definite a (a ridged covariance): by Cholesky (half
+    an LU's work), or LU when a is not numerically definite."""
+    factor, info = torch.linalg.cholesky_ex(torch.from_numpy(np.ascontiguousarray(a)))
+    if int(info) != 0:
+        return np.linalg.solve(a, b)
+    return torch.cholesky_solve(torch.from_numpy(np.ascontiguousarray(b)), factor).numpy()
+
+
 def _psd_factor(cov: np.ndarray) -> np.ndarray | None:
     """L with L L^T = cov (+ a ridge of 1e-10 of its mean variance, raised while Cholesky
     fails on a singular covariance); None when even 1e-4 does not make it definite."""
     scale = max(float(np.trace(cov)) / max(len(cov), 1), 1e-300)
-    eye = np.eye(len(cov))
+    matrix = torch.from_numpy(np.array(cov, dtype=np.float64))
+    diagonal = matrix.diagonal()
+    base = diagonal.clone()
+    # torch's Cholesky (LAPACK through MKL/OpenBLAS, blocked) is ~10x numpy's here on a
+    # 2304 x 2304 covariance; cholesky_ex reports failure without raising
     for ridge in (1e-10, 1e-8, 1e-6, 1e-4):
-        try:
-            return np.linalg.cholesky(cov + ridge * scale * eye)
-        except np.linalg.LinAlgError:
-            continue
+        diagonal.copy_(base + ridge * scale)
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) == 0:
+            return factor.numpy()
     return None
 
 

@@ -401,3 +401,29 @@ def test_peak_memory_does_not_grow_with_calibration_samples(lenet5, monkeypatch)
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[256] < 1.3 * peaks[64], peaks
+
+
+def test_output_eigen_from_the_fan_in_side_equals_the_outputs_side():
+    """More outputs than inputs (an expanding 1 x 1 conv): the SVD of W L gives the same
+    spectrum and the same rank-r projections as the outputs x outputs eigendecomposition."""
+    from compressor.passes.svd import _output_eigen, _solve_psd
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 12))
+    x = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 12))
+    cov = np.cov(x.T, bias=True)
+    vals, vecs = _output_eigen(w, cov)
+    full = w @ cov @ w.T
+    ref_vals, ref_vecs = np.linalg.eigh(full)
+    ref_vals, ref_vecs = ref_vals[::-1], ref_vecs[:, ::-1]
+    assert vals.shape == (12,) and vecs.shape == (48, 12)
+    np.testing.assert_allclose(vals, ref_vals[:12], rtol=1e-8, atol=1e-8 * ref_vals[0])
+    for r in (1, 5, 12):
+        np.testing.assert_allclose(vecs[:, :r] @ vecs[:, :r].T,
+                                   ref_vecs[:, :r] @ ref_vecs[:, :r].T, atol=1e-7)
+    b = rng.standard_normal((12, 3))
+    np.testing.assert_allclose(_solve_psd(cov + np.eye(12), b),
+                               np.linalg.solve(cov + np.eye(12), b), rtol=1e-9)
+    singular = np.ones((3, 3))  # not definite: falls back to LU (here: raises as numpy does)
+    with pytest.raises(np.linalg.LinAlgError):
+        _solve_psd(singular, b[:3])
