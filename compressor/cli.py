@@ -486,6 +486,58 @@ def inspect_command(model, arch, input_shape, trust_pickle, list_zoo, as_json):
         )
 
 
+@main.command("precision")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Data whose samples feed the layers, as compress --data.")
+@_apply(model_loading)
+@click.option("--algorithms", default="direct,im2col,winograd2,winograd4,fft,svd,log,log-add",
+              show_default=True, help="Algorithms to measure (comma list).")
+@click.option("--precisions", default="fp32,fp16,bf16,int8", show_default=True,
+              help="Number formats to emulate (comma list).")
+@click.option("--ranks", default="0.25,0.5", show_default=True,
+              help="svd: ranks as fractions of each layer's full rank, in (0, 1].")
+@click.option("--layers", help="Only these layers (comma list of node names).")
+@click.option("--samples", type=int, default=8, show_default=True,
+              help="Samples of --data fed to the layers.")
+@click.option("--json", "json_path", is_flag=False, flag_value="-", metavar="[PATH]",
+              help="Write the study as JSON to PATH (atomically), or print it with no PATH.")
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="Write error vs precision, one line per algorithm, as a PNG here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
+@_friendly_errors
+def precision_command(model, data, arch, input_shape, trust_pickle, algorithms, precisions, ranks,
+                      layers, samples, json_path, plot, quiet):
+    """Each layer's output error per algorithm (direct, im2col, Winograd, FFT, SVD, log-domain)
+    and precision (fp32, fp16, bf16, int8), against a float64 direct reference."""
+    from compressor import precision, report
+    from compressor.progress import progress_bars
+
+    config = precision.PrecisionConfig(
+        algorithms=tuple(algorithms.split(",")), precisions=tuple(precisions.split(",")),
+        ranks=precision.parse_ranks(ranks), samples=samples,
+        layers=None if layers is None else tuple(layers.split(",")))
+    to_stdout = json_path == "-"
+    json_file = None if json_path in (None, "-") else Path(json_path)
+    precision.check_output(json_file, "--json")
+    precision.check_output(plot, "--plot", ".png")
+    with progress_bars(enabled=not quiet and not to_stdout) as progress:
+        study = precision.run_study(model, data, config, arch=arch, input_shape=input_shape,
+                                    trust_pickle=trust_pickle, progress=progress)
+    if json_file is not None:
+        precision.write_json(study, json_file)
+    if plot is not None:
+        precision.plot_study(study, plot)
+    if to_stdout:
+        click.echo(report.to_json(study.to_dict()))
+        return
+    if quiet:
+        return
+    stdout.print(precision.results_table(study))
+    for path in (json_file, plot):
+        if path is not None:
+            stdout.print(f"wrote [bold]{path}[/]", highlight=False)
+
+
 def _float_list(ctx, param, value):
     if value is None:
         return ()
