@@ -13,6 +13,8 @@ import onnx_ir as ir
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor import precision_algorithms as alg
@@ -94,6 +96,36 @@ def test_every_algorithm_in_float64_equals_the_direct_reference(name, case):
         return
     assert y.shape == reference.shape
     assert _relative(y, reference) < 1e-12
+
+
+@st.composite
+def conv_cases(draw):
+    """Random conv geometries: batch, channels, maps down to 1, pads, strides, dilations,
+    groups, kernels (3x3 often, so Winograd is reached)."""
+    group = draw(st.sampled_from([1, 1, 2]))
+    c, m = group * draw(st.integers(1, 3)), group * draw(st.integers(1, 3))
+    kh, kw = draw(st.sampled_from([(3, 3), (3, 3), (1, 1), (2, 3), (5, 5)]))
+    strides = draw(st.sampled_from([(1, 1), (1, 1), (2, 1), (2, 2)]))
+    dilations = draw(st.sampled_from([(1, 1), (1, 1), (2, 1)]))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h = draw(st.integers(max(1, dilations[0] * (kh - 1) + 1 - pads[0] - pads[2]), 9))
+    w = draw(st.integers(max(1, dilations[1] * (kw - 1) + 1 - pads[1] - pads[3]), 9))
+    return ((draw(st.integers(1, 2)), c, h, w), (m, c // group, kh, kw), strides, pads,
+            dilations, group)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=conv_cases(), seed=st.integers(0, 2**16))
+def test_every_algorithm_in_float64_equals_torch_on_random_shapes(case, seed):
+    layer, x = _conv_case(case, seed)
+    reference = _torch_conv(layer, x)
+    for name, algorithm in FLOAT64_ALGORITHMS.items():
+        try:
+            y = algorithm(layer, x, FP64)
+        except alg.NotApplicable:
+            assert name in ("winograd2", "winograd4", "fft")
+            continue
+        assert _relative(y, reference) < 1e-12, name
 
 
 @pytest.mark.parametrize("name", ["direct", "svd-full-rank", "log", "log-add-exact"])
