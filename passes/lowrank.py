@@ -39,6 +39,7 @@ from compressor.passes.graph import (
     conv_node,
     replace_node,
 )
+from compressor.passes.linalg import map_per_core
 from compressor.passes.walk import CalibrationWalk
 from compressor.profile import profile_model, static_shapes
 
@@ -264,12 +265,14 @@ def gather_moments(
 
     def consume(batch: dict[str, np.ndarray]) -> None:
         first = seen[0]
-        for value_name, users in by_input.items():
-            x = batch[value_name]
-            for layer in users:
-                index = batch_rows(layer, x, first, per_sample, seed)
-                moments[layer.name].add(layer_rows(layer, x, index=index))
-            seen[0] = first + len(x)
+
+        def add(layer: LinearLayer) -> None:
+            x = batch[layer.input_name]
+            index = batch_rows(layer, x, first, per_sample, seed)
+            moments[layer.name].add(layer_rows(layer, x, index=index))
+
+        map_per_core(add, layers)  # one layer's patches and Gram matrix per core
+        seen[0] = first + len(next(iter(batch.values())))
 
     if by_input:
         calibration.stream(model, list(by_input), consume, label="input statistics",
