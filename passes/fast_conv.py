@@ -13,6 +13,11 @@ F(4x4,3x3), for 3x3 stride-1, dilation-1, group-1 convolutions. It takes the Con
 weights and transforms them once, when onnxruntime creates the session (the graph keeps the
 readable Conv weights, so passes after this one can still rewrite them; the cost is paid at
 load, not per run). ``reference_winograd`` is the numpy statement of the algorithm.
+``ai.compressor::FFTConv`` (runtime_ext/ops/fft_conv): overlap-save tiles through pocketfft's
+rfft2 / irfft2 and a complex GEMM per frequency, for stride-1, dilation-1, group-1 convolutions;
+timed on kernels larger than 3x3 only (on 3x3 Winograd F(4x4,3x3) needs fewer operations, as in
+NNPACK's measurements, and 1x1 has nothing to save). Its kernel spectra are computed at the
+first run. ``reference_fft_conv`` is the numpy statement of the algorithm.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ OP_TYPE = "WinogradConv"
 DEFAULT_TOLERANCE = 1e-4
 # Calibration samples a layer's error is measured on.
 CALIBRATION_SAMPLES = 16
-# Algorithm name -> WinogradConv tile; "conv" is ORT's Conv.
-ALGORITHMS = {"winograd2": 2, "winograd4": 4}
-LABELS = {"conv": "Conv", "winograd2": "Winograd F(2x2,3x3)", "winograd4": "Winograd F(4x4,3x3)"}
+# Algorithm name -> WinogradConv tile (None: FFTConv); "conv" is ORT's Conv.
+ALGORITHMS = {"winograd2": 2, "winograd4": 4, "fft": None}
+FFT_OP_TYPE = "FFTConv"
+LABELS = {"conv": "Conv", "winograd2": "Winograd F(2x2,3x3)", "winograd4": "Winograd F(4x4,3x3)",
+          "fft": "FFT"}
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -87,6 +94,67 @@ def reference_winograd(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = N
     return y
 
 
+def reference_fft_conv(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None,
+                       pads: tuple[int, int, int, int] = (0, 0, 0, 0), dtype=np.float64,
+                       ) -> np.ndarray:
+    """FFTConv as numpy in ``dtype`` (one transform over the whole padded map, no tiles): the
+    correlation theorem, Y[n, m] = irfft2(sum_c rfft2(x[n, c]) * conj(rfft2(w[m, c]))), cut to
+    the valid outputs. Returns Y [N, M, OH, OW]."""
+    top, left, bottom, right = pads
+    kh, kw = w.shape[2:]
+    xp = np.pad(x.astype(dtype), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    fh, fw = xp.shape[2:]
+    oh, ow = fh - kh + 1, fw - kw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError("the kernel does not fit the padded input")
+    xf = np.fft.rfft2(xp, s=(fh, fw))
+    kf = np.conj(np.fft.rfft2(w.astype(dtype), s=(fh, fw)))
+    y = np.fft.irfft2(np.einsum("ncuv,mcuv->nmuv", xf, kf), s=(fh, fw))[:, :, :oh, :ow]
+    if bias is not None:
+        y = y + bias.astype(dtype)[:, None, None]
+    return y
+
+
+def fft_size(kernel: tuple[int, int], out: tuple[int, int], channels: int, filters: int,
+             ) -> tuple[int, int]:
+    """The FFT size (Fh, Fw) FFTConv picks (runtime_ext/ops/fft_conv/fft_conv.h,
+    FFTConvShape::Make, which this mirrors): 2^a 3^b sizes minimising the modelled cost
+    over the overlap-save tiles (GEMM multiply-adds plus transforms weighted 10x), kernel spectra
+    within 1 GiB."""
+    kh, kw = kernel
+    limit = max(128, 4 * max(kh, kw))
+    sizes = [s for s in range(1, limit + 1) if s // (2 ** _power(s, 2) * 3 ** _power(s, 3)) == 1]
+    best, choice = None, None
+    for fh in (s for s in sizes if s >= kh):
+        for fw in (s for s in sizes if s >= kw):
+            if 16 * fh * (fw // 2 + 1) * channels * filters > 1 << 30:
+                continue
+            tiles = -(-out[0] // (fh - kh + 1)) * -(-out[1] // (fw - kw + 1))
+            cost = tiles * (4.0 * channels * filters * fh * (fw // 2 + 1)
+                            + 10.0 * (channels + filters) * fh * fw * math.log2(fh * fw))
+            if best is None or cost < best:
+                best, choice = cost, (fh, fw)
+    if choice is None:
+        raise ValueError("the kernel spectra would need more than 1 GiB at any FFT size")
+    return choice
+
+
+def _power(n: int, p: int) -> int:
+    k = 0
+    while n % p == 0:
+        n //= p
+        k += 1
+    return k
+
+
+def fft_macs(kernel: tuple[int, int], out: tuple[int, int], channels: int, filters: int) -> int:
+    """Real multiply-adds of FFTConv's frequency-domain GEMMs for one image: tiles x Fh x
+    (Fw / 2 + 1) complex products of C x M, 4 real each (the transforms are not counted)."""
+    fh, fw = fft_size(kernel, out, channels, filters)
+    tiles = -(-out[0] // (fh - kernel[0] + 1)) * -(-out[1] // (fw - kernel[1] + 1))
+    return tiles * fh * (fw // 2 + 1) * channels * filters * 4
+
+
 # ---------------------------------------------------------------------------------------------
 # MAC counter
 
@@ -109,6 +177,21 @@ def _winograd_macs(node, shapes, inits) -> int:
         return 0
     tiles = math.ceil(oh / tile) * math.ceil(ow / tile)
     return tiles * (tile + 2) ** 2 * w[1] * w[0]
+
+
+@register_mac_counter(FFT_OP_TYPE, domain=OP_DOMAIN)
+def _fft_macs(node, shapes, inits) -> int:
+    """FFTConv's frequency-domain multiply-adds (``fft_macs``) over the batch."""
+    w, x = shapes.get(node.input[1]), shapes.get(node.input[0])
+    attributes = {a.name: a for a in node.attribute}
+    pads = list(attributes["pads"].ints) if "pads" in attributes else [0, 0, 0, 0]
+    if w is None or x is None or len(w) != 4 or len(x) != 4 or not all(
+            isinstance(d, int) for d in (*w, *x)):
+        return 0
+    oh, ow = x[2] + pads[0] + pads[2] - w[2] + 1, x[3] + pads[1] + pads[3] - w[3] + 1
+    if oh < 1 or ow < 1:
+        return 0
+    return x[0] * fft_macs((w[2], w[3]), (oh, ow), w[1], w[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,29 +217,46 @@ class FastConvConfig(PassConfig):
                               + ", ".join(ALGORITHMS))
 
 
-def unsupported_reason(node: ir.Node) -> tuple[ConvGeometry | None, np.ndarray | None, str | None]:
-    """(geometry, weight, None) for a Conv WinogradConv computes, else (None, None, reason)."""
+def inapplicable_reason(algorithm: str, weight: np.ndarray) -> str | None:
+    """Why ``algorithm`` does not apply to a stride-1 Conv with this weight, or None."""
+    kh, kw = weight.shape[2:]
+    if algorithm == "fft":
+        return None if kh > 3 or kw > 3 else f"kernel {kh}x{kw}: FFT is tried on kernels larger than 3x3"
+    if (kh, kw) != (3, 3):
+        return f"kernel {kh}x{kw}: Winograd needs 3x3"
+    return None
+
+
+def unsupported_reason(node: ir.Node, algorithms: tuple[str, ...] = tuple(ALGORITHMS),
+                       ) -> tuple[ConvGeometry | None, np.ndarray | None, str | None]:
+    """(geometry, weight, None) for a Conv one of ``algorithms`` computes, else (None, None,
+    reason)."""
     candidate, reason = _eligibility(node)  # DiffConv's checks: constant 2-D float32, group 1
     if candidate is None:
         return None, None, reason.replace("DiffConv", OP_TYPE)
     geometry, weight = candidate.geometry, candidate.weight
-    if weight.shape[2:] != (3, 3):
-        return None, None, f"kernel {weight.shape[2]}x{weight.shape[3]}: Winograd needs 3x3"
+    reasons = [inapplicable_reason(a, weight) for a in algorithms]
+    if all(reasons):
+        return None, None, "; ".join(dict.fromkeys(reasons)) or "no algorithm asked for"
     if geometry.strides != (1, 1):
-        return None, None, f"strides {list(geometry.strides)}: Winograd needs stride 1"
+        return None, None, f"strides {list(geometry.strides)}: Winograd and FFT need stride 1"
     if geometry.dilations != (1, 1):
-        return None, None, f"dilations {list(geometry.dilations)}: Winograd needs dilation 1"
+        return None, None, f"dilations {list(geometry.dilations)}: Winograd and FFT need dilation 1"
     return geometry, weight, None
 
 
 def _layer_nodes(algorithm: str, geometry: ConvGeometry, has_bias: bool, activation,
+                 kernel: tuple[int, int] = (3, 3),
                  ) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray], str]:
     from compressor.latency import activation_nodes
 
     inputs = ["x", "w"] + (["b"] if has_bias else [])
     pads = list(geometry.pads)
-    if algorithm == "conv":
-        node = helper.make_node("Conv", inputs, ["z"], name="layer", kernel_shape=[3, 3],
+    if algorithm == "fft":
+        node = helper.make_node(FFT_OP_TYPE, inputs, ["z"], name="layer", domain=OP_DOMAIN,
+                                pads=pads, kernel_shape=list(kernel))
+    elif algorithm == "conv":
+        node = helper.make_node("Conv", inputs, ["z"], name="layer", kernel_shape=list(kernel),
                                 pads=pads, strides=[1, 1], dilations=[1, 1])
     else:
         node = helper.make_node(OP_TYPE, inputs, ["z"], name="layer", domain=OP_DOMAIN,
@@ -194,7 +294,7 @@ class FastConvPass(Pass):
             if name in config.exclude:
                 records.append(LayerRecord(name=name, op="Conv", skipped="excluded"))
                 continue
-            geometry, weight, reason = unsupported_reason(node)
+            geometry, weight, reason = unsupported_reason(node, config.algorithms)
             if reason is not None:
                 records.append(LayerRecord(name=name, op="Conv",
                                            skipped=f"kept ORT's Conv: {reason}"))
@@ -240,16 +340,18 @@ class FastConvPass(Pass):
             chw = tuple(int(d) for d in in_shape[1:])
         else:
             return LayerRecord(name=name, op="Conv", skipped="kept ORT's Conv: input shape unknown")
-        m, c = weight.shape[:2]
-        oh = chw[1] + geometry.pads[0] + geometry.pads[2] - 2
-        ow = chw[2] + geometry.pads[1] + geometry.pads[3] - 2
+        m, c, kh, kw = weight.shape
+        kernel = (kh, kw)
+        candidates = tuple(a for a in config.algorithms if inapplicable_reason(a, weight) is None)
+        oh = chw[1] + geometry.pads[0] + geometry.pads[2] - kh + 1
+        ow = chw[2] + geometry.pads[1] + geometry.pads[3] - kw + 1
         opsets = [helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_DOMAIN_VERSION)]
         fused = fused_activation(node)
 
         # Time every algorithm as it will run (with the activation ORT fuses into its Conv).
         times: dict[str, float] = {}
-        for algorithm in ("conv", *config.algorithms):
-            nodes, inits, out = _layer_nodes(algorithm, geometry, has_bias, fused)
+        for algorithm in ("conv", *candidates):
+            nodes, inits, out = _layer_nodes(algorithm, geometry, has_bias, fused, kernel)
             inits.update({"w": filler(weight.shape)})
             if has_bias:
                 inits["b"] = filler((m,))
@@ -265,22 +367,22 @@ class FastConvPass(Pass):
             x = np.random.default_rng(0).standard_normal((4, *chw)).astype(np.float32)
             basis = "random"
         outputs = {}
-        for algorithm in ("conv", *config.algorithms):
-            nodes, _, _ = _layer_nodes(algorithm, geometry, has_bias, None)
+        for algorithm in ("conv", *candidates):
+            nodes, _, _ = _layer_nodes(algorithm, geometry, has_bias, None, kernel)
             inits = {"w": weight} | ({"b": bias} if has_bias else {})
             proto = candidate_model(nodes, {"x": (x.shape, np.float32)}, {"z": (None, np.float32)},
                                     inits, opsets)
             outputs[algorithm] = runtime.session(proto, table.context.provider).run(None, {"x": x})[0]
         norm = float(np.linalg.norm(outputs["conv"]))
         errors = {a: (float(np.linalg.norm(outputs[a] - outputs["conv"])) / norm if norm > 0 else 0.0)
-                  for a in config.algorithms}
+                  for a in candidates}
 
-        allowed = ["conv"] + [a for a in config.algorithms if errors[a] <= config.tolerance]
+        allowed = ["conv"] + [a for a in candidates if errors[a] <= config.tolerance]
         best = min(allowed, key=lambda a: times[a])
-        timing = ", ".join(f"{LABELS[a]} {times[a]:.3g} ms" for a in ("conv", *config.algorithms))
-        too_far = [a for a in config.algorithms if errors[a] > config.tolerance]
+        timing = ", ".join(f"{LABELS[a]} {times[a]:.3g} ms" for a in ("conv", *candidates))
+        too_far = [a for a in candidates if errors[a] > config.tolerance]
         error_note = "; ".join(f"{LABELS[a]} error {errors[a]:.2g} > tolerance" for a in too_far)
-        dense = m * c * 9 * oh * ow
+        dense = m * c * kh * kw * oh * ow
         params = int(weight.size) + (m if has_bias else 0)
         common = dict(name=name, op="Conv", shape_before=tuple(weight.shape),
                       shape_after=tuple(weight.shape), macs_before=dense, params_before=params,
@@ -293,15 +395,20 @@ class FastConvPass(Pass):
             return LayerRecord(**common, macs_after=dense, error=0.0, skipped=reason)
 
         tile = ALGORITHMS[best]
-        new = ir.Node(OP_DOMAIN, OP_TYPE, list(node.inputs[:3]),
-                      [ir.AttrInt64s("pads", list(geometry.pads)), ir.AttrInt64("tile", tile),
-                       ir.AttrInt64s("kernel_shape", [3, 3])],
-                      num_outputs=1, name=node.name)
+        attributes = [ir.AttrInt64s("pads", list(geometry.pads)),
+                      ir.AttrInt64s("kernel_shape", list(kernel))]
+        if best == "fft":
+            op_type, macs = FFT_OP_TYPE, fft_macs(kernel, (oh, ow), c, m)
+        else:
+            op_type = OP_TYPE
+            attributes.append(ir.AttrInt64("tile", tile))
+            macs = math.ceil(oh / tile) * math.ceil(ow / tile) * (tile + 2) ** 2 * c * m
+        new = ir.Node(OP_DOMAIN, op_type, list(node.inputs[:3]), attributes, num_outputs=1,
+                      name=node.name)
         old_out, new_out = node.outputs[0], new.outputs[0]
         new_out.shape, new_out.type = old_out.shape, old_out.type
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [old_out], [new_out])
         new_out.name = old_out.name
-        macs = math.ceil(oh / tile) * math.ceil(ow / tile) * (tile + 2) ** 2 * c * m
         detail = f"{LABELS[best]} ({timing}); error {errors[best]:.2g}"
         if error_note:
             detail += f"; {error_note}"
@@ -309,10 +416,10 @@ class FastConvPass(Pass):
 
     def ensures(self, model: ir.Model) -> None:
         for node in model.graph:
-            if node.op_type == OP_TYPE and node.domain == OP_DOMAIN:
+            if node.op_type in (OP_TYPE, FFT_OP_TYPE) and node.domain == OP_DOMAIN:
                 if OP_DOMAIN not in model.opset_imports:
                     from compressor.errors import PassError
 
-                    raise PassError(self.name, f"{OP_TYPE} nodes without an opset import for "
+                    raise PassError(self.name, f"{node.op_type} nodes without an opset import for "
                                     f"{OP_DOMAIN}")
                 return

@@ -16,9 +16,11 @@ from compressor import runtime
 from compressor.errors import OptionError
 from compressor.latency import LatencyCache, LatencyContext, LatencyTable
 from compressor.passes.fast_conv import (
+    FFT_OP_TYPE,
     OP_TYPE,
     FastConvConfig,
     FastConvPass,
+    fft_macs,
     reference_winograd,
 )
 from compressor.profile import profile_model
@@ -26,6 +28,8 @@ from compressor.profile import profile_model
 
 def _algorithm(proto: onnx.ModelProto) -> str:
     for node in proto.graph.node:
+        if node.op_type == FFT_OP_TYPE:
+            return "fft"
         if node.op_type == OP_TYPE:
             tile = next(a.i for a in node.attribute if a.name == "tile")
             return f"winograd{tile}"
@@ -145,6 +149,61 @@ def test_never_picks_a_slower_algorithm(order):
                            + [(32, a, (16, 32, 6, 7)) for a in algorithms])
 
 
+def large_kernel_net(rng) -> onnx.ModelProto:
+    """x [N, 3, 20, 18] -> 7x7 (3->8, pads 3, bias) -> 3x3 (8->12, pads 1) -> 5x5 stride 2
+    (12->12) -> 5x5 (12->6, asymmetric pads, no bias)."""
+    specs = [("k7", 3, 8, 7, dict(pads=[3, 3, 3, 3]), True), ("k3", 8, 12, 3, dict(pads=[1, 1, 1, 1]), True),
+             ("s5", 12, 12, 5, dict(pads=[2, 2, 2, 2], strides=[2, 2]), True),
+             ("k5", 12, 6, 5, dict(pads=[2, 0, 1, 2]), False)]
+    nodes, inits, prev = [], [], "x"
+    for name, cin, cout, k, attrs, bias in specs:
+        w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}_w"))
+        inputs = [prev, f"{name}_w"]
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), f"{name}_b"))
+            inputs.append(f"{name}_b")
+        nodes.append(helper.make_node("Conv", inputs, [f"{name}_y"], name=name, kernel_shape=[k, k], **attrs))
+        prev = f"{name}_y"
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 20, 18])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize("order", TIME_ORDERS)
+def test_fft_is_picked_on_large_kernels_only_when_fastest(order):
+    """Synthetic times in every order for Conv / FFT on the 5x5 and 7x7 layers (Winograd does
+    not apply there) and for the 3x3 layer's algorithms (FFT is not timed there): the fastest
+    is kept, never a slower one; FFTConv's outputs are the original's."""
+    rng = np.random.default_rng(7)
+    proto = large_kernel_net(rng)
+    times = {(3, "conv"): order[0], (3, "fft"): order[1], (12, "conv"): order[0],
+             (12, "fft"): order[2], (8, "conv"): order[0], (8, "winograd2"): order[1],
+             (8, "winograd4"): order[2]}
+    table = FakeLatency(times)
+    result, out = compress(proto, table)
+    layers = {r.name: r for r in result.layers}
+    for name, c, k, (oh, ow) in (("k7", 3, 7, (20, 18)), ("k5", 12, 5, (9, 7))):
+        record, node = layers[name], next(n for n in out.graph.node if n.name == name)
+        fastest = min(("conv", "fft"), key=lambda a: times[(c, a)])
+        assert record.latency_after_ms == min(times[(c, "conv")], times[(c, "fft")])
+        if fastest == "fft":
+            assert node.op_type == FFT_OP_TYPE and node.domain == runtime.OP_DOMAIN
+            assert record.changed and "FFT" in record.detail and record.error <= 1e-4
+            assert record.macs_after == fft_macs((k, k), (oh, ow), c, record.shape_before[0])
+        else:
+            assert node.op_type == "Conv" and "fastest" in record.skipped
+    assert "strides [2, 2]" in layers["s5"].skipped
+    timed = {(c, a) for c, a, _ in table.timed}
+    assert (8, "fft") not in timed and (8, "winograd4") in timed  # the 3x3 layer
+    assert (3, "winograd2") not in timed and (3, "fft") in timed  # the 7x7 layer
+    x = rng.standard_normal((2, 3, 20, 18)).astype(np.float32)
+    reference, y = run(proto, x), run(out, x)
+    assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 1e-5
+
+
 def test_unsupported_layers_keep_conv_with_the_reason():
     rng = np.random.default_rng(1)
     proto = conv_net(rng)
@@ -183,7 +242,7 @@ def test_config_is_validated():
     with pytest.raises(OptionError, match="tolerance"):
         FastConvConfig(tolerance=-1.0)
     with pytest.raises(OptionError, match="unknown algorithm"):
-        FastConvConfig(algorithms=("fft",))
+        FastConvConfig(algorithms=("fourier",))
 
 
 def test_mac_counter_counts_the_transform_domain_products():
