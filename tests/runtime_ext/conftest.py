@@ -21,8 +21,8 @@ def conv_model(
     weight_as_input: bool = False,
     **attributes,
 ) -> onnx.ModelProto:
-    """A model with one ``op`` node ('Conv' or 'DiffConv') on input X."""
-    domain = runtime.OP_DOMAIN if op == "DiffConv" else ""
+    """A model with one ``op`` node ('Conv', or one of compressor's ops) on input X."""
+    domain = "" if op == "Conv" else runtime.OP_DOMAIN
     initializers, inputs = [], [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x_shape))]
     if weight_as_input:
         inputs.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, list(w.shape)))

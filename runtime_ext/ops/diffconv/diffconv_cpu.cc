@@ -34,6 +34,7 @@
 
 #include <immintrin.h>
 
+#include "common/conv_inputs.h"
 #include "common/cpu_parallel.h"
 #include "common/direct_conv.h"
 #include "ops/diffconv/diffconv.h"
@@ -421,24 +422,10 @@ class DiffConvCpuKernel {
  private:
   void Compute(OrtKernelContext* raw_context) {
     const OrtApi& api = Ort::GetApi();
-    Ort::KernelContext context(raw_context);
-    const size_t input_count = context.GetInputCount();
-    if (input_count < 2) throw OpError("needs inputs X and W");
-    Ort::ConstValue x = context.GetInput(0);
-    Ort::ConstValue w = context.GetInput(1);
-    const OrtValue* bias_value = nullptr;
-    if (input_count > 2) Check(api.KernelContext_GetInput(raw_context, 2, &bias_value));
-    const std::vector<int64_t> x_shape = x.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> w_shape = w.GetTensorTypeAndShapeInfo().GetShape();
-    std::vector<int64_t> bias_shape;
-    const float* bias = nullptr;
-    if (bias_value != nullptr) {
-      Ort::ConstValue b(bias_value);
-      bias_shape = b.GetTensorTypeAndShapeInfo().GetShape();
-      bias = b.GetTensorData<float>();
-    }
+    const ConvInputs in = ConvInputs::Read(raw_context);
     const DiffConvGeometry g =
-        DiffConvGeometry::Make(attributes_, x_shape, w_shape, bias_value ? &bias_shape : nullptr);
+        DiffConvGeometry::Make(attributes_, in.x_shape, in.w_shape, in.BiasShape());
+    Ort::KernelContext context(raw_context);
 
     Ort::UnownedValue y = context.GetOutput(0, {g.N, g.M, g.OH, g.OW});
     int64_t* counts_out = nullptr;
@@ -452,8 +439,7 @@ class DiffConvCpuKernel {
       if (counts_out) counts_out[0] = counts_out[1] = 0;
       return;
     }
-    Run(raw_context, g, x.GetTensorData<float>(), w.GetTensorData<float>(), bias,
-        y.GetTensorMutableData<float>(), counts_out);
+    Run(raw_context, g, in.x, in.w, in.bias, y.GetTensorMutableData<float>(), counts_out);
   }
 
   void Run(OrtKernelContext* context, const DiffConvGeometry& g, const float* x, const float* w,

@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "common/conv_inputs.h"
 #include "ops/diffconv/diffconv.h"
 
 namespace compressor {
@@ -22,23 +23,10 @@ class DiffConvCudaKernel {
  private:
   void Compute(OrtKernelContext* raw_context) {
     const OrtApi& api = Ort::GetApi();
+    const ConvInputs in = ConvInputs::Read(raw_context);
+    const DiffConvGeometry g =
+        DiffConvGeometry::Make(attributes_, in.x_shape, in.w_shape, in.BiasShape());
     Ort::KernelContext context(raw_context);
-    const size_t input_count = context.GetInputCount();
-    if (input_count < 2) throw OpError("needs inputs X and W");
-    Ort::ConstValue x = context.GetInput(0);
-    Ort::ConstValue w = context.GetInput(1);
-    const OrtValue* bias_value = nullptr;
-    if (input_count > 2) Check(api.KernelContext_GetInput(raw_context, 2, &bias_value));
-    std::vector<int64_t> bias_shape;
-    const float* bias = nullptr;
-    if (bias_value != nullptr) {
-      Ort::ConstValue b(bias_value);
-      bias_shape = b.GetTensorTypeAndShapeInfo().GetShape();
-      bias = b.GetTensorData<float>();
-    }
-    const DiffConvGeometry g = DiffConvGeometry::Make(
-        attributes_, x.GetTensorTypeAndShapeInfo().GetShape(),
-        w.GetTensorTypeAndShapeInfo().GetShape(), bias_value ? &bias_shape : nullptr);
     Ort::UnownedValue y = context.GetOutput(0, {g.N, g.M, g.OH, g.OW});
     int64_t* counts = nullptr;
     if (context.GetOutputCount() > 1) {
@@ -51,8 +39,7 @@ class DiffConvCudaKernel {
     }
     void* stream = context.GetGPUComputeStream();
     const std::string error =
-        LaunchDiffConvCuda(g, x.GetTensorData<float>(), w.GetTensorData<float>(), bias,
-                           y.GetTensorMutableData<float>(), counts, stream);
+        LaunchDiffConvCuda(g, in.x, in.w, in.bias, y.GetTensorMutableData<float>(), counts, stream);
     if (!error.empty()) throw OpError(error, ORT_FAIL);
   }
 

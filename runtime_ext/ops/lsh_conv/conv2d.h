@@ -11,15 +11,18 @@
 
 namespace compressor {
 
-// strides, pads, dilations, kernel_shape, group (1 only), auto_pad (NOTSET only).
+// strides, pads, dilations, kernel_shape, group (1 only, unless Read allows any), auto_pad
+// (NOTSET only).
 struct Conv2dAttributes {
   std::vector<int64_t> strides{1, 1};
   std::vector<int64_t> pads{0, 0, 0, 0};  // top, left, bottom, right
   std::vector<int64_t> dilations{1, 1};
   std::vector<int64_t> kernel_shape;      // empty: taken from W
+  int64_t group = 1;
 
-  // Reads and validates the node's attributes; throws OpError naming the bad one.
-  static Conv2dAttributes Read(const OrtKernelInfo* info) {
+  // Reads and validates the node's attributes; throws OpError naming the bad one. Only
+  // any_group ops (Im2colConv) accept group > 1.
+  static Conv2dAttributes Read(const OrtKernelInfo* info, bool any_group = false) {
     Conv2dAttributes a;
     a.strides = AttributeInts(info, "strides", a.strides);
     a.pads = AttributeInts(info, "pads", a.pads);
@@ -27,7 +30,11 @@ struct Conv2dAttributes {
     a.kernel_shape = AttributeInts(info, "kernel_shape", {});
     const int64_t group = AttributeInt(info, "group", 1);
     const std::string auto_pad = AttributeString(info, "auto_pad", "NOTSET");
-    if (group != 1) {
+    if (any_group && group < 1) {
+      throw OpError("group must be a positive int, got " + std::to_string(group));
+    }
+    a.group = group;
+    if (group != 1 && !any_group) {
       throw OpError("group=" + std::to_string(group) + " is not supported (only group=1)",
                     ORT_NOT_IMPLEMENTED);
     }
@@ -58,6 +65,7 @@ struct Conv2dAttributes {
 struct Conv2dShape {
   int64_t N, C, H, W, M, kH, kW, OH, OW;
   int64_t stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w;
+  int64_t group;  // C and M split in `group` equal parts; W is [M, C / group, kH, kW]
 
   int64_t D() const { return C * kH * kW; }
   int64_t Windows() const { return OH * OW; }
@@ -89,10 +97,14 @@ struct Conv2dShape {
     for (int64_t d : x) {
       if (d < 0) throw OpError("input X has a negative dimension: " + ShapeString(x));
     }
-    if (x[1] != w[1]) {
+    if (x[1] != w[1] * a.group) {
       throw OpError("channel mismatch: X " + ShapeString(x) + " has " + std::to_string(x[1]) +
-                    " channels but W " + ShapeString(w) + " expects " + std::to_string(w[1]) +
-                    " (group=1)");
+                    " channels but W " + ShapeString(w) + " expects " +
+                    std::to_string(w[1] * a.group) + " (group=" + std::to_string(a.group) + ")");
+    }
+    if (w[0] % a.group != 0) {
+      throw OpError("weight W " + ShapeString(w) + " has " + std::to_string(w[0]) +
+                    " output channels, not a multiple of group=" + std::to_string(a.group));
     }
     if (!a.kernel_shape.empty() && (a.kernel_shape[0] != w[2] || a.kernel_shape[1] != w[3])) {
       throw OpError("kernel_shape " + ShapeString(a.kernel_shape) + " does not match W " +
@@ -119,6 +131,7 @@ struct Conv2dShape {
     g.pad_left = a.pads[1];
     g.dilation_h = a.dilations[0];
     g.dilation_w = a.dilations[1];
+    g.group = a.group;
     const int64_t span_h = g.dilation_h * (g.kH - 1) + 1, span_w = g.dilation_w * (g.kW - 1) + 1;
     const int64_t padded_h = g.H + a.pads[0] + a.pads[2], padded_w = g.W + a.pads[1] + a.pads[3];
     if (padded_h < span_h || padded_w < span_w) {

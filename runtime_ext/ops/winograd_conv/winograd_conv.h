@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "common/conv_inputs.h"
 #include "common/ort_op.h"
 #include "ops/lsh_conv/conv2d.h"
 
@@ -28,16 +29,9 @@ namespace compressor {
 
 inline constexpr const char* kWinogradConvName = "WinogradConv";
 
-// The op as ORT sees it (common/ort_op.h, KernelOp): inputs X, W, B (optional); output Y.
-struct WinogradConvSignature {
+// The op as ORT sees it: inputs X, W, B (optional); output Y.
+struct WinogradConvSignature : ConvSignature {
   static constexpr const char* kName = kWinogradConvName;
-  static constexpr ONNXTensorElementDataType kInputs[] = {
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  static constexpr size_t kFirstOptionalInput = 2;
-  static constexpr ONNXTensorElementDataType kOutputs[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  static constexpr size_t kFirstOptionalOutput = 1;
 };
 
 // Conv's attributes (validated as for the LSH ops) restricted to what Winograd computes, plus
@@ -98,7 +92,19 @@ struct WinogradConvShape : Conv2dShape {
   }
 };
 
-// Registration hook: adds the CPU kernel to the op domain.
+// Registration hooks: each adds its kernel to the op domain.
 void AddWinogradConvCpu(Ort::CustomOpDomain& domain);
+
+#if COMPRESSOR_WITH_CUDA
+void AddWinogradConvCuda(Ort::CustomOpDomain& domain);
+
+// Launches the CUDA kernels (winograd_conv_kernel.cu: weight transform, input transform, the
+// alpha^2 transform-domain GEMMs, output transform) on `stream` (ORT's compute stream).
+// Returns an empty string on success, else the CUDA error.
+std::string LaunchWinogradConvCuda(const WinogradConvShape& g, const float* x, const float* w,
+                                   const float* bias, float* y, void* stream);
+#else
+inline void AddWinogradConvCuda(Ort::CustomOpDomain&) {}  // built without CUDA: nothing to add
+#endif
 
 }  // namespace compressor

@@ -14,15 +14,20 @@
 #include <cstring>
 #include <vector>
 
+#include "common/conv_inputs.h"
 #include "common/cpu_parallel.h"
 #include "common/gemm.h"
 #include "ops/winograd_conv/winograd_conv.h"
+#include "ops/winograd_conv/winograd_transforms.h"
 
 #define WINOGRAD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 namespace compressor {
 namespace {
+
+using winograd::At1;
+using winograd::Bt1;
 
 constexpr int64_t kLanes = 16;
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
@@ -95,24 +100,6 @@ inline v16 Load(const float* p) {
   return v;
 }
 inline void Store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// 1-D B^T of alpha values (stride s between them), in place into out[0..alpha).
-template <int kM>
-inline __attribute__((always_inline)) void Bt1(const v16* d, v16* r) {
-  if constexpr (kM == 2) {
-    r[0] = d[0] - d[2];
-    r[1] = d[1] + d[2];
-    r[2] = d[2] - d[1];
-    r[3] = d[1] - d[3];
-  } else {
-    r[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
-    r[1] = d[3] + d[4] - 4.0f * (d[1] + d[2]);
-    r[2] = d[4] - d[3] + 4.0f * (d[1] - d[2]);
-    r[3] = d[4] - d[2] + 2.0f * (d[3] - d[1]);
-    r[4] = d[4] - d[2] - 2.0f * (d[3] - d[1]);
-    r[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
-  }
-}
 
 template <int kM>
 inline __attribute__((always_inline)) void InputTransformImpl(const InputCall& call) {
@@ -222,20 +209,6 @@ struct OutputCall {
   const float* bias;
   float* y;
 };
-
-template <int kM>
-inline __attribute__((always_inline)) void At1(const v16* s, v16* o) {
-  if constexpr (kM == 2) {
-    o[0] = s[0] + s[1] + s[2];
-    o[1] = s[1] - s[2] - s[3];
-  } else {
-    const v16 a = s[1] + s[2], b = s[1] - s[2], c = s[3] + s[4], d = s[3] - s[4];
-    o[0] = s[0] + a + c;
-    o[1] = b + 2.0f * d;
-    o[2] = a + 4.0f * c;
-    o[3] = b + 8.0f * d + s[5];
-  }
-}
 
 template <int kM>
 inline __attribute__((always_inline)) void OutputTransformImpl(const OutputCall& call) {
@@ -389,35 +362,20 @@ class WinogradConvCpuKernel {
 
  private:
   void Compute(OrtKernelContext* raw_context) {
-    const OrtApi& api = Ort::GetApi();
-    Ort::KernelContext context(raw_context);
-    const size_t input_count = context.GetInputCount();
-    if (input_count < 2) throw OpError("needs inputs X and W");
-    Ort::ConstValue x = context.GetInput(0);
-    Ort::ConstValue w = context.GetInput(1);
-    const OrtValue* bias_value = nullptr;
-    if (input_count > 2) Check(api.KernelContext_GetInput(raw_context, 2, &bias_value));
-    const std::vector<int64_t> x_shape = x.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> w_shape = w.GetTensorTypeAndShapeInfo().GetShape();
-    std::vector<int64_t> bias_shape;
-    const float* bias = nullptr;
-    if (bias_value != nullptr) {
-      Ort::ConstValue b(bias_value);
-      bias_shape = b.GetTensorTypeAndShapeInfo().GetShape();
-      bias = b.GetTensorData<float>();
-    }
+    const ConvInputs in = ConvInputs::Read(raw_context);
     const WinogradConvShape g =
-        WinogradConvShape::Make(attributes_, x_shape, w_shape, bias_value ? &bias_shape : nullptr);
+        WinogradConvShape::Make(attributes_, in.x_shape, in.w_shape, in.BiasShape());
+    Ort::KernelContext context(raw_context);
     Ort::UnownedValue y = context.GetOutput(0, {g.N, g.M, g.OH, g.OW});
     if (g.N == 0 || g.OH == 0 || g.OW == 0) return;
 
     std::vector<float> call_transformed;
     const float* U = transformed_.data();
-    if (transformed_.empty() || transformed_shape_ != w_shape) {
-      call_transformed = TransformWeights(w.GetTensorData<float>(), g.M, g.C, g.m);
+    if (transformed_.empty() || transformed_shape_ != in.w_shape) {
+      call_transformed = TransformWeights(in.w, g.M, g.C, g.m);
       U = call_transformed.data();
     }
-    Run(raw_context, g, x.GetTensorData<float>(), U, bias, y.GetTensorMutableData<float>());
+    Run(raw_context, g, in.x, U, in.bias, y.GetTensorMutableData<float>());
   }
 
   void Run(OrtKernelContext* context, const WinogradConvShape& g, const float* x, const float* U,
