@@ -14,6 +14,10 @@ Whole model: ResNet-18 (bench/archs.py, 224x224) through ``compressor compress -
 fast-conv --batch 16`` (no data: errors on random inputs), then original vs compressed side by
 side (``LatencyTable.compare``) and the pipeline's own output check.
 
+FFTConv (``--fft-only`` adds or refreshes this table alone): ORT Conv vs FFTConv at batch 1 and
+16 on the zoo's stride-1 group-1 convolutions with kernels larger than 3x3 (where fast-conv
+times FFT), plus 5x5 / 7x7 layers at 56x56 and a 3x3 one for comparison; same timing and error.
+
 Targets (issue 13): F(4x4,3x3) >= 1.3x faster than Conv on 3x3 stride-1 layers with >= 64
 channels at batch >= 16; ResNet-18 under fast-conv >= 1.15x faster at batch 16, cosine >= 0.9999.
 """
@@ -40,15 +44,25 @@ from compressor.models import zoo  # noqa: E402
 
 ZOO = ("lenet5", "vgg", "resnet20", "mobilenetv2")
 ALGORITHMS = {"conv": None, "winograd2": 2, "winograd4": 4}
+FFT_ALGORITHMS = {"conv": None, "fft": "fft"}
+FFT_BATCHES = [1, 16]
+# Large-kernel layers beside the zoo's: (C, M, map, kernel).
+FFT_EXTRA = [(64, 64, 56, 5), (64, 64, 56, 7), (32, 32, 56, 7), (16, 16, 112, 7), (64, 64, 56, 3)]
 TARGET = 1.3
 
 
-def layer_model(c: int, m: int, h: int, w: int, pads, tile: int | None, seed: int = 0) -> onnx.ModelProto:
+def layer_model(c: int, m: int, h: int, w: int, pads, tile: int | str | None, seed: int = 0,
+                kernel: int = 3) -> onnx.ModelProto:
+    """One Conv (tile None), WinogradConv (tile 2 / 4) or FFTConv (tile "fft") node."""
     rng = np.random.default_rng(seed)
-    weight = (rng.standard_normal((m, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    weight = (rng.standard_normal((m, c, kernel, kernel)) / np.sqrt(kernel * kernel * c)).astype(np.float32)
     bias = rng.standard_normal(m).astype(np.float32)
     if tile is None:
-        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], pads=list(pads))
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[kernel, kernel],
+                                pads=list(pads))
+    elif tile == "fft":
+        node = helper.make_node("FFTConv", ["x", "w", "b"], ["y"], domain=runtime.OP_DOMAIN,
+                                pads=list(pads), kernel_shape=[kernel, kernel])
     else:
         node = helper.make_node("WinogradConv", ["x", "w", "b"], ["y"], domain=runtime.OP_DOMAIN,
                                 pads=list(pads), tile=tile)
@@ -62,7 +76,9 @@ def layer_model(c: int, m: int, h: int, w: int, pads, tile: int | None, seed: in
     return model
 
 
-def zoo_layers() -> list[dict]:
+def zoo_convs(kernel_ok) -> list[dict]:
+    """Every stride-1 group-1 dilation-1 square-kernel Conv of the zoo whose kernel size passes
+    ``kernel_ok``: source, C, M, map, kernel and pads."""
     layers = []
     for name in ZOO:
         entry = zoo.get(name)
@@ -77,14 +93,19 @@ def zoo_layers() -> list[dict]:
                 continue
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             wshape = inits.get(node.input[1])
-            if (wshape is None or wshape[2:] != [3, 3] or attrs.get("group", 1) != 1
+            if (wshape is None or wshape[2] != wshape[3] or not kernel_ok(wshape[2])
+                    or attrs.get("group", 1) != 1
                     or list(attrs.get("strides", [1, 1])) != [1, 1]
                     or list(attrs.get("dilations", [1, 1])) != [1, 1]):
                 continue
             x = shapes.get(node.input[0])
-            layers.append(dict(source=name, c=wshape[1], m=wshape[0], h=x[2], w=x[3],
+            layers.append(dict(source=name, c=wshape[1], m=wshape[0], h=x[2], w=x[3], k=wshape[2],
                                pads=list(attrs.get("pads", [0, 0, 0, 0]))))
     return layers
+
+
+def zoo_layers() -> list[dict]:
+    return zoo_convs(lambda k: k == 3)
 
 
 def resnet18_layers() -> list[dict]:
@@ -108,22 +129,31 @@ def resnet18_layers() -> list[dict]:
     return found
 
 
+def fft_layers() -> list[dict]:
+    """The zoo's stride-1 group-1 convolutions with kernels larger than 3x3, and FFT_EXTRA."""
+    layers = zoo_convs(lambda k: k > 3)
+    for c, m, size, k in FFT_EXTRA:
+        layers.append(dict(source="synthetic", c=c, m=m, h=size, w=size, k=k, pads=[k // 2] * 4))
+    return layers
+
+
 def distinct(layers: list[dict]) -> list[dict]:
     seen, out = set(), []
     for layer in layers:
-        key = (layer["c"], layer["m"], layer["h"], layer["w"], tuple(layer["pads"]))
+        key = (layer["c"], layer["m"], layer["h"], layer["w"], layer.get("k", 3), tuple(layer["pads"]))
         if key not in seen:
             seen.add(key)
             out.append(layer)
     return out
 
 
-def error(layer: dict, tile: int) -> float:
+def error(layer: dict, tile: int | str | None) -> float:
     import torch
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, layer["c"], layer["h"], layer["w"])).astype(np.float32)
-    model = layer_model(layer["c"], layer["m"], layer["h"], layer["w"], layer["pads"], tile)
+    model = layer_model(layer["c"], layer["m"], layer["h"], layer["w"], layer["pads"], tile,
+                        kernel=layer.get("k", 3))
     y = runtime.session(model).run(None, {"x": x})[0]
     w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
     b = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)
@@ -133,12 +163,14 @@ def error(layer: dict, tile: int) -> float:
     return float(np.linalg.norm(y - exact) / np.linalg.norm(exact))
 
 
-def measure(layers: list[dict], batches: list[int], min_time_s: float) -> list[dict]:
+def measure(layers: list[dict], batches: list[int], min_time_s: float,
+            algorithms: dict = ALGORITHMS) -> list[dict]:
     rows = []
     for layer in layers:
-        models = {a: layer_model(layer["c"], layer["m"], layer["h"], layer["w"], layer["pads"], t)
-                  for a, t in ALGORITHMS.items()}
-        row = dict(layer, errors={a: error(layer, t) for a, t in ALGORITHMS.items()}, ms={})
+        models = {a: layer_model(layer["c"], layer["m"], layer["h"], layer["w"], layer["pads"], t,
+                                 kernel=layer.get("k", 3))
+                  for a, t in algorithms.items()}
+        row = dict(layer, errors={a: error(layer, t) for a, t in algorithms.items()}, ms={})
         for batch in batches:
             table = LatencyTable(LatencyContext(batch=batch), LatencyCache(persistent=False))
             row["ms"][str(batch)] = table.compare(models, min_time_s=min_time_s)
@@ -200,6 +232,8 @@ def render(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Target F(4x4) >= {TARGET}x Conv on layers with >= 64 channels at batch >= 16: "
               f"met on {hits} of {total} (layer, batch) pairs."]
+    if "fft_rows" in result:
+        lines += ["", render_fft(result)]
     for whole in result.get("whole", []):
         ms = whole["ms"]
         chosen = ", ".join(f"{k} x{v}" for k, v in sorted(whole["chosen"].items()))
@@ -211,6 +245,37 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def render_fft(result: dict) -> str:
+    batches = result["fft_batches"]
+    lines = [
+        "### FFTConv vs onnxruntime's Conv (stride 1, kernels > 3x3 and one 3x3 for comparison)",
+        "",
+        "Same timing and error as above; speedup = Conv's ms / FFTConv's ms (below 1: slower). "
+        f"Load average at start / end: {result['fft_load'][0]} / {result['fft_load'][1]} (2 cores "
+        "shared with 3 other engineers' jobs: noisy).",
+        "",
+        "| layer | C->M | map | kernel | " + " | ".join(f"b{b} Conv ms | b{b} FFT" for b in batches)
+        + " | err Conv | err FFT |",
+        "|---|---|---|---|" + "---|---|" * len(batches) + "---|---|",
+    ]
+    for row in result["fft_rows"]:
+        cells = [row["source"], f"{row['c']}->{row['m']}", f"{row['h']}x{row['w']}",
+                 f"{row['k']}x{row['k']}"]
+        for b in batches:
+            ms = row["ms"][str(b)]
+            cells += [f"{ms['conv']:.3g}", f"{ms['conv'] / ms['fft']:.2f}x"]
+        cells += [f"{row['errors'][a]:.1e}" for a in FFT_ALGORITHMS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fft_table(min_time_s: float) -> dict:
+    load0 = round(os.getloadavg()[0], 1)
+    rows = measure(distinct(fft_layers()), FFT_BATCHES, min_time_s, FFT_ALGORITHMS)
+    return dict(fft_batches=FFT_BATCHES, fft_rows=rows,
+                fft_load=[load0, round(os.getloadavg()[0], 1)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,16,64")
@@ -219,10 +284,16 @@ def main() -> None:
     parser.add_argument("--from-json", action="store_true", help="re-render docs/benchmarks/fast_conv.json")
     parser.add_argument("--whole-only", action="store_true",
                         help="only the whole-model run, added to the existing JSON's layers")
+    parser.add_argument("--fft-only", action="store_true",
+                        help="only the FFTConv table, added to the existing JSON")
     args = parser.parse_args()
     raw = SECTIONS / "fast_conv.json"
     if args.from_json:
         result = json.loads(raw.read_text())
+    elif args.fft_only:
+        result = json.loads(raw.read_text())
+        result.update(fft_table(args.min_time))
+        atomic_write(raw, json.dumps(result, indent=1))
     elif args.whole_only:
         result = json.loads(raw.read_text())
         result["whole"] = [whole_model("resnet18", 16, 3.0)]
@@ -235,6 +306,7 @@ def main() -> None:
         result = dict(batches=batches, rows=rows, load=[load0, round(os.getloadavg()[0], 1)])
         if not args.quick:
             result["whole"] = [whole_model("resnet18", 16, 3.0)]
+            result.update(fft_table(args.min_time))
         atomic_write(raw, json.dumps(result, indent=1))
     print(f"wrote {write_section('fast_conv', render(result))}")
 
