@@ -7,6 +7,7 @@
 #include "build_config.h"
 #include "common/ort_op.h"
 #include "ops/diffconv/diffconv.h"
+#include "ops/fft_conv/fft_conv.h"
 #include "ops/im2col_conv/im2col_conv.h"
 #include "ops/lsh_conv/lsh_conv.h"
 #include "ops/lsh_window_conv/lsh_window_conv.h"
@@ -45,6 +46,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     compressor::AddLshConvCuda(domain);
     compressor::AddLshWindowConvCpu(domain);
     compressor::AddLshWindowConvCuda(domain);
+    compressor::AddFFTConvCpu(domain);
     compressor::AddWinogradConvCpu(domain);
     compressor::AddWinogradConvCuda(domain);
     compressor::AddIm2colConvCpu(domain);
