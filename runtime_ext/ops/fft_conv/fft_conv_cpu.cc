@@ -18,6 +18,7 @@
 #include <mutex>
 #include <vector>
 
+#include "common/conv_inputs.h"
 #include "common/cpu_parallel.h"
 #include "common/gemm.h"
 #include "ops/fft_conv/fft_conv.h"
@@ -218,25 +219,9 @@ class FFTConvCpuKernel {
 
  private:
   void Compute(OrtKernelContext* raw_context) {
-    const OrtApi& api = Ort::GetApi();
     Ort::KernelContext context(raw_context);
-    const size_t input_count = context.GetInputCount();
-    if (input_count < 2) throw OpError("needs inputs X and W");
-    Ort::ConstValue x = context.GetInput(0);
-    Ort::ConstValue w = context.GetInput(1);
-    const OrtValue* bias_value = nullptr;
-    if (input_count > 2) Check(api.KernelContext_GetInput(raw_context, 2, &bias_value));
-    const std::vector<int64_t> x_shape = x.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> w_shape = w.GetTensorTypeAndShapeInfo().GetShape();
-    std::vector<int64_t> bias_shape;
-    const float* bias = nullptr;
-    if (bias_value != nullptr) {
-      Ort::ConstValue b(bias_value);
-      bias_shape = b.GetTensorTypeAndShapeInfo().GetShape();
-      bias = b.GetTensorData<float>();
-    }
-    const FFTConvShape g =
-        FFTConvShape::Make(attributes_, x_shape, w_shape, bias_value ? &bias_shape : nullptr);
+    const ConvInputs in = ConvInputs::Read(raw_context);
+    const FFTConvShape g = FFTConvShape::Make(attributes_, in.x_shape, in.w_shape, in.BiasShape());
     Ort::UnownedValue y = context.GetOutput(0, {g.N, g.M, g.OH, g.OW});
     if (g.N == 0 || g.OH == 0 || g.OW == 0) return;
 
@@ -245,15 +230,15 @@ class FFTConvCpuKernel {
     std::shared_ptr<const Spectra> spectra;
     if (constant_weight_) {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (!cached_ || cached_->w_shape != w_shape || cached_->Fh != g.Fh || cached_->Fw != g.Fw) {
-        cached_ = MakeSpectra(pool, g, w_shape, w.GetTensorData<float>());
+      if (!cached_ || cached_->w_shape != in.w_shape || cached_->Fh != g.Fh || cached_->Fw != g.Fw) {
+        cached_ = MakeSpectra(pool, g, in.w_shape, in.w);
       }
       spectra = cached_;
     } else {
-      spectra = MakeSpectra(pool, g, w_shape, w.GetTensorData<float>());
+      spectra = MakeSpectra(pool, g, in.w_shape, in.w);
     }
-    Run(pool, inline_units ? 1 : HardwareThreads(), g, x.GetTensorData<float>(),
-        spectra->K.data(), bias, y.GetTensorMutableData<float>());
+    Run(pool, inline_units ? 1 : HardwareThreads(), g, in.x, spectra->K.data(), in.bias,
+        y.GetTensorMutableData<float>());
   }
 
   std::shared_ptr<const Spectra> MakeSpectra(OrtKernelContext* pool, const FFTConvShape& g,
