@@ -370,10 +370,10 @@ def plot_study(study: PrecisionStudy, path: str | Path) -> Path:
 
 def write_json(study: PrecisionStudy, path: str | Path) -> Path:
     """The study as JSON at ``path``, written atomically."""
+    from compressor.io import atomic_write_bytes
     from compressor.report import to_json
-    from compressor.sweep import _atomic_write_bytes
 
-    _atomic_write_bytes(Path(path), to_json(study.to_dict()).encode())
+    atomic_write_bytes(Path(path), to_json(study.to_dict()).encode())
     return Path(path)
 
 

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import CompressionError, OptionError
+from compressor.io import atomic_write_bytes
 
 RESULTS_FILE = "results.json"
 MANIFEST_FILE = "sweep.json"
@@ -526,7 +527,7 @@ def _materialise(name: str, content: bytes) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
         if not path.is_file() or _digest(path) != digest:
-            _atomic_write_bytes(path, content)
+            atomic_write_bytes(path, content)
         _materialised[(name, digest)] = path
     return _materialised[(name, digest)]
 
@@ -671,25 +672,11 @@ def time_trial(
 # ----------------------------------------------------------------------------- the folder
 
 
-def _atomic_write_bytes(path: Path, content: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, obj: Any) -> None:
     from compressor.report import jsonable
 
     text = json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n"
-    _atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, text.encode())
 
 
 class SweepFolder:
@@ -746,7 +733,7 @@ class SweepFolder:
 
     def save_model(self, key: str, content: bytes) -> Path:
         path = self.model_path(key)
-        _atomic_write_bytes(path, content)
+        atomic_write_bytes(path, content)
         return path
 
 
@@ -1019,7 +1006,7 @@ def _prepare(spec: SweepSpec, folder: SweepFolder, ship: bool) -> tuple[TrialInp
     reference = loaded.proto.SerializeToString()
     original_path = folder.path / ORIGINAL_FILE
     if not original_path.is_file() or original_path.read_bytes() != reference:
-        _atomic_write_bytes(original_path, reference)
+        atomic_write_bytes(original_path, reference)
     eval_data = None
     if spec.eval_data is not None:
         eval_data = load_data(

@@ -438,7 +438,7 @@ Speedup: the original's p50 latency / the trial's, measured side by side.</p>
 
 def write_report(results: Mapping[str, Any], folder: str | os.PathLike) -> Path:
     """Write the three plots and ``report.html`` into ``folder``; returns the page's path."""
-    from compressor.sweep import _atomic_write_bytes
+    from compressor.io import atomic_write_bytes
 
     folder = Path(folder)
     images = [
@@ -447,5 +447,5 @@ def write_report(results: Mapping[str, Any], folder: str | os.PathLike) -> Path:
         plot_runtime_vs_ratio(results, folder / RUNTIME_PNG),
     ]
     page = folder / REPORT_HTML
-    _atomic_write_bytes(page, render_html(results, images).encode("utf-8"))
+    atomic_write_bytes(page, render_html(results, images).encode("utf-8"))
     return page
