@@ -221,7 +221,13 @@ def inapplicable_reason(algorithm: str, weight: np.ndarray) -> str | None:
     """Why ``algorithm`` does not apply to a stride-1 Conv with this weight, or None."""
     kh, kw = weight.shape[2:]
     if algorithm == "fft":
-        return None if kh > 3 or kw > 3 else f"kernel {kh}x{kw}: FFT is tried on kernels larger than 3x3"
+        if kh <= 3 and kw <= 3:
+            return f"kernel {kh}x{kw}: FFT is tried on kernels larger than 3x3"
+        try:
+            fft_size((kh, kw), (1, 1), weight.shape[1], weight.shape[0])  # fits at the smallest size
+        except ValueError as e:
+            return f"FFT: {e}"
+        return None
     if (kh, kw) != (3, 3):
         return f"kernel {kh}x{kw}: Winograd needs 3x3"
     return None

@@ -204,6 +204,16 @@ def test_fft_is_picked_on_large_kernels_only_when_fastest(order):
     assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 1e-5
 
 
+def test_fft_is_not_tried_where_its_kernel_spectra_would_not_fit():
+    """FFTConv refuses spectra over 1 GiB (an error naming the op): the pass does not time it."""
+    from compressor.passes.fast_conv import inapplicable_reason
+
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (8192, 8192, 7, 7), (0,) * 4)
+    assert "1 GiB" in inapplicable_reason("fft", huge)
+    assert inapplicable_reason("fft", np.zeros((64, 64, 7, 7), np.float32)) is None
+    assert "larger than 3x3" in inapplicable_reason("fft", np.zeros((64, 64, 3, 3), np.float32))
+
+
 def test_unsupported_layers_keep_conv_with_the_reason():
     rng = np.random.default_rng(1)
     proto = conv_net(rng)
