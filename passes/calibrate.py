@@ -325,15 +325,15 @@ class Calibration:
         return {name: np.concatenate(arrays, axis=0) for name, arrays in parts.items()}
 
 
-def gram(rows: np.ndarray) -> np.ndarray:
-    """``rows.T @ rows`` in float64, computed in float32 by BLAS's symmetric rank-k update
+def gram(rows: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """``rows.T @ rows`` (as ``dtype``), computed in float32 by BLAS's symmetric rank-k update
     (ssyrk: half the multiplications of a general product, every core)."""
     rows32 = np.ascontiguousarray(rows, dtype=np.float32)
     if rows32.shape[0] == 0:
-        return np.zeros((rows32.shape[1], rows32.shape[1]))
+        return np.zeros((rows32.shape[1], rows32.shape[1]), dtype)
     upper = ssyrk(1.0, rows32.T, trans=0)  # rows32.T is Fortran-ordered: no copy
     # ssyrk fills the upper triangle and leaves zeros below: mirror it (the diagonal once)
-    full = upper.astype(np.float64)
+    full = upper.astype(dtype, copy=False)
     full += full.T
     full[np.diag_indices_from(full)] *= 0.5
     return full
@@ -341,21 +341,23 @@ def gram(rows: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Moments:
-    """Running first and second moments of feature vectors (float64)."""
+    """Running first and second moments of feature vectors: sums in float64, the second
+    moment in float32 (each batch's Gram matrix is a float32 product anyway, and a survey
+    holds one d x d matrix per layer at once: ResNet-50's take 0.5 GB so, 1 GB in float64)."""
 
     count: int
     total: np.ndarray  # (d,)
-    outer: np.ndarray  # (d, d)
+    outer: np.ndarray  # (d, d) float32
 
     @classmethod
     def zeros(cls, dim: int) -> Moments:
-        return cls(0, np.zeros(dim), np.zeros((dim, dim)))
+        return cls(0, np.zeros(dim), np.zeros((dim, dim), np.float32))
 
     def add(self, rows: np.ndarray) -> None:
         rows32 = np.ascontiguousarray(rows, dtype=np.float32)
         self.count += rows.shape[0]
         self.total += rows32.sum(0, dtype=np.float64)
-        self.outer += gram(rows32)
+        self.outer += gram(rows32, np.float32)
 
     @property
     def mean(self) -> np.ndarray:
@@ -365,7 +367,7 @@ class Moments:
     def covariance(self) -> np.ndarray:
         """Centered covariance E[(x - mu)(x - mu)^T]."""
         mean = self.mean
-        return self.outer / max(self.count, 1) - np.outer(mean, mean)
+        return self.outer.astype(np.float64) / max(self.count, 1) - np.outer(mean, mean)
 
 
 @dataclass

@@ -171,6 +171,8 @@ class LowRankSVDPass(Pass):
             analysis = _LayerAnalysis(layer, cov, None if m is None else m.mean, cfg)
             if by_ratio:
                 analysis.options()  # the spatial errors: a d x d factorisation each
+            if analysis._spatial is None:
+                analysis.cov = None  # only spatial errors read it: memory set by 3 x 3 layers
             return analysis
 
         wanted = [layer for layer in layers if layer.name not in cfg.exclude]
@@ -355,6 +357,7 @@ class _LayerAnalysis:
         w = layer.weight
         self.eigvals, self.eigvecs = _output_eigen(w, cov)
         self.energy = float(self.eigvals.sum())
+        self.output_energy = float(np.sum((w @ cov) * w))  # E||W (x - mu)||^2
         self.max_rank = min(w.shape)
         self.dense_reason = "factorised form is not cheaper than dense"
         self._spatial = self._spatial_svd() if "spatial" in cfg.schemes else None
@@ -593,7 +596,7 @@ class _LayerAnalysis:
         bias = (np.zeros(layer.outputs) if layer.bias is None else layer.bias.copy())
         bias += w @ paired.mean - approx @ paired.mean_hat
         replace_with_two_stage(model, layer, project, basis, bias, names, f"svd{r}")
-        energy = float(np.sum((w @ self.cov) * w))
+        energy = self.output_energy
         sq = (energy - 2 * float(np.sum((approx @ cross.T) * w))
               + float(np.sum((approx @ cov_hat) * approx)))
         error = relative_error(sq, energy)
@@ -638,7 +641,7 @@ class _LayerAnalysis:
         weight_value.const_value = ir.tensor(
             h.reshape(weight_value.const_value.shape).astype(np.float32), name=weight_value.name)
         bias_value.const_value = ir.tensor(bias.astype(np.float32), name=bias_value.name)
-        energy = float(np.sum((w @ self.cov) * w))
+        energy = self.output_energy
         sq = energy - 2 * float(np.sum(h * cross_yz)) + float(np.sum((h @ cov_z) * h))
         return relative_error(sq, energy)
 
