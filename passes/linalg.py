@@ -31,21 +31,35 @@ def usable_cores() -> int:
 
 
 def map_per_core(fn: Callable[[Item], Result], items: Iterable[Item],
-                 workers: int | None = None) -> list[Result]:
+                 workers: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[Result]:
     """``[fn(item) for item in items]``, in order, ``workers`` (default: every usable core)
     items at a time, with NumPy's BLAS and torch held to one thread each meanwhile.
 
     ``fn`` must be safe to run in threads (NumPy, SciPy and torch release the GIL in their
-    kernels). The first exception raised by ``fn`` is raised here."""
+    kernels). The first exception raised by ``fn`` is raised here. ``progress(done, total)``
+    is called as results arrive, in order."""
     items = list(items)
     workers = min(workers or usable_cores(), max(len(items), 1))
     torch_threads = torch.get_num_threads()
+    results: list[Result] = []
     with threadpool_limits(limits=1):
         torch.set_num_threads(1)
         try:
             if workers == 1:
-                return [fn(item) for item in items]
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                return list(pool.map(fn, items))
+                done = map(fn, items)
+                pool = None
+            else:
+                pool = ThreadPoolExecutor(max_workers=workers)
+                done = pool.map(fn, items)
+            try:
+                for result in done:
+                    results.append(result)
+                    if progress is not None:
+                        progress(len(results), len(items))
+            finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
         finally:
             torch.set_num_threads(torch_threads)
+    return results

@@ -177,8 +177,12 @@ class LowRankSVDPass(Pass):
 
         wanted = [layer for layer in layers if layer.name not in cfg.exclude]
         with clock("decompositions"):
+            report = None
+            if self.calibration is not None and self.calibration.progress is not None:
+                def report(done: int, total: int) -> None:
+                    self.calibration.progress("decompositions", done, total)
             analyses = dict(zip((layer.name for layer in wanted),
-                                map_per_core(analyse, wanted), strict=True))
+                                map_per_core(analyse, wanted, progress=report), strict=True))
 
         outside_macs = total_macs - sum(layer.dense_macs for layer in layers)
         fixed_macs = total_macs - sum(a.layer.dense_macs for a in analyses.values())
@@ -216,9 +220,14 @@ class LowRankSVDPass(Pass):
         # the refits read each layer's inputs in the original and the compressed network from
         # one walk through both, so no prefix of either runs twice
         walk = CalibrationWalk(self.calibration, proto, clock=clock) if sequential else None
+        walk_stats = {}
         try:
             self._write(model, layers, analyses, chosen, timing, records, walk, clock,
                         to_write)
+            if walk is not None:
+                walk_stats = {"refit_segments": walk.segments_run,
+                              "refit_restarts": walk.restarts,
+                              "refit_stored_bytes_peak": walk.stored_bytes_peak}
         finally:
             if walk is not None:
                 walk.close()
@@ -230,7 +239,7 @@ class LowRankSVDPass(Pass):
             notes=notes,
             stats={"macs_before": total_macs, "macs_after": macs_after,
                    "ratio_reached": macs_after / total_macs if total_macs else 1.0,
-                   "data_aware": data_aware, **latency_stats,
+                   "data_aware": data_aware, **latency_stats, **walk_stats,
                    "seconds_by_stage": clock.seconds},
         )
 

@@ -22,8 +22,10 @@ def test_results_in_order_with_one_blas_thread_each_then_restored():
     before = torch.get_num_threads()
     expected = [work(n) for n in range(7)]
     seen_threads.clear()
-    got = map_per_core(work, range(7), workers=2)
+    reports = []
+    got = map_per_core(work, range(7), workers=2, progress=lambda *a: reports.append(a))
     assert got == expected
+    assert reports == [(i, 7) for i in range(1, 8)]
     assert all(t == 1 and blas <= {1} for t, blas in seen_threads)
     assert torch.get_num_threads() == before
     assert usable_cores() >= 1

@@ -381,6 +381,10 @@ def test_results_do_not_depend_on_the_calibration_batch_size(lenet5):
     assert {"survey forward", "survey statistics", "decompositions", "rank options",
             "refit forward", "refit statistics"} <= set(stages)
     assert all(seconds >= 0.0 for seconds in stages.values())
+    # the refits walked the network once: a segment per refitted layer and model at most
+    stats = results[0].stats
+    refitted = sum(1 for r in first if r["detail"] and "refit" in r["detail"])
+    assert 0 < stats["refit_segments"] <= 2 * refitted and stats["refit_restarts"] == 0
 
 
 def test_peak_memory_does_not_grow_with_calibration_samples(lenet5, monkeypatch):
