@@ -13,6 +13,9 @@ F(4x4,3x3), for 3x3 stride-1, dilation-1, group-1 convolutions. It takes the Con
 weights and transforms them once, when onnxruntime creates the session (the graph keeps the
 readable Conv weights, so passes after this one can still rewrite them; the cost is paid at
 load, not per run). ``reference_winograd`` is the numpy statement of the algorithm.
+``ai.compressor::Im2colConv`` (runtime_ext/ops/im2col_conv, im2col + GEMM) is the baseline,
+timed only when asked for (``algorithms=(..., "im2col")``): ORT's Conv (MLAS) is itself
+im2col + GEMM, so it rarely wins, and it is kept only where it is measured fastest.
 ``ai.compressor::FFTConv`` (runtime_ext/ops/fft_conv): overlap-save tiles through pocketfft's
 rfft2 / irfft2 and a complex GEMM per frequency, for stride-1, dilation-1, group-1 convolutions;
 timed on kernels larger than 3x3 only (on 3x3 Winograd F(4x4,3x3) needs fewer operations, as in
@@ -41,11 +44,13 @@ OP_TYPE = "WinogradConv"
 DEFAULT_TOLERANCE = 1e-4
 # Calibration samples a layer's error is measured on.
 CALIBRATION_SAMPLES = 16
-# Algorithm name -> WinogradConv tile (None: FFTConv); "conv" is ORT's Conv.
-ALGORITHMS = {"winograd2": 2, "winograd4": 4, "fft": None}
+# Algorithm name -> WinogradConv tile (None: Im2colConv, FFTConv); "conv" is ORT's Conv.
+ALGORITHMS = {"winograd2": 2, "winograd4": 4, "im2col": None, "fft": None}
+DEFAULT_ALGORITHMS = ("winograd2", "winograd4", "fft")
+IM2COL_OP_TYPE = "Im2colConv"
 FFT_OP_TYPE = "FFTConv"
 LABELS = {"conv": "Conv", "winograd2": "Winograd F(2x2,3x3)", "winograd4": "Winograd F(4x4,3x3)",
-          "fft": "FFT"}
+          "im2col": "im2col + GEMM", "fft": "FFT"}
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -179,6 +184,15 @@ def _winograd_macs(node, shapes, inits) -> int:
     return tiles * (tile + 2) ** 2 * w[1] * w[0]
 
 
+@register_mac_counter(IM2COL_OP_TYPE, domain=OP_DOMAIN)
+def _im2col_macs(node, shapes, inits) -> int:
+    """Im2colConv performs the Conv's multiply-adds: each output times C / group * kH * kW."""
+    w, out = shapes.get(node.input[1]), shapes.get(node.output[0])
+    if w is None or out is None or not all(isinstance(d, int) for d in (*w, *out)):
+        return 0
+    return math.prod(out) * math.prod(w[1:])
+
+
 @register_mac_counter(FFT_OP_TYPE, domain=OP_DOMAIN)
 def _fft_macs(node, shapes, inits) -> int:
     """FFTConv's frequency-domain multiply-adds (``fft_macs``) over the batch."""
@@ -204,7 +218,7 @@ class FastConvConfig(PassConfig):
     (||y - y_conv|| / ||y_conv||, fp32). ``algorithms``: which to try besides ORT's Conv."""
 
     tolerance: float = DEFAULT_TOLERANCE
-    algorithms: tuple[str, ...] = tuple(ALGORITHMS)
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     exclude: frozenset[str] = frozenset()
 
     def __post_init__(self):
@@ -220,6 +234,8 @@ class FastConvConfig(PassConfig):
 def inapplicable_reason(algorithm: str, weight: np.ndarray) -> str | None:
     """Why ``algorithm`` does not apply to a stride-1 Conv with this weight, or None."""
     kh, kw = weight.shape[2:]
+    if algorithm == "im2col":  # Im2colConv computes any kernel
+        return None
     if algorithm == "fft":
         if kh <= 3 and kw <= 3:
             return f"kernel {kh}x{kw}: FFT is tried on kernels larger than 3x3"
@@ -233,7 +249,7 @@ def inapplicable_reason(algorithm: str, weight: np.ndarray) -> str | None:
     return None
 
 
-def unsupported_reason(node: ir.Node, algorithms: tuple[str, ...] = tuple(ALGORITHMS),
+def unsupported_reason(node: ir.Node, algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
                        ) -> tuple[ConvGeometry | None, np.ndarray | None, str | None]:
     """(geometry, weight, None) for a Conv one of ``algorithms`` computes, else (None, None,
     reason)."""
@@ -261,9 +277,10 @@ def _layer_nodes(algorithm: str, geometry: ConvGeometry, has_bias: bool, activat
     if algorithm == "fft":
         node = helper.make_node(FFT_OP_TYPE, inputs, ["z"], name="layer", domain=OP_DOMAIN,
                                 pads=pads, kernel_shape=list(kernel))
-    elif algorithm == "conv":
-        node = helper.make_node("Conv", inputs, ["z"], name="layer", kernel_shape=list(kernel),
-                                pads=pads, strides=[1, 1], dilations=[1, 1])
+    elif algorithm in ("conv", "im2col"):
+        node = helper.make_node("Conv" if algorithm == "conv" else IM2COL_OP_TYPE, inputs, ["z"],
+                                name="layer", kernel_shape=list(kernel), pads=pads, strides=[1, 1],
+                                dilations=[1, 1], domain="" if algorithm == "conv" else OP_DOMAIN)
     else:
         node = helper.make_node(OP_TYPE, inputs, ["z"], name="layer", domain=OP_DOMAIN,
                                 pads=pads, tile=ALGORITHMS[algorithm])
@@ -405,6 +422,8 @@ class FastConvPass(Pass):
                       ir.AttrInt64s("kernel_shape", list(kernel))]
         if best == "fft":
             op_type, macs = FFT_OP_TYPE, fft_macs(kernel, (oh, ow), c, m)
+        elif tile is None:  # Im2colConv: the Conv's own MACs
+            op_type, macs = IM2COL_OP_TYPE, dense
         else:
             op_type = OP_TYPE
             attributes.append(ir.AttrInt64("tile", tile))
@@ -422,7 +441,7 @@ class FastConvPass(Pass):
 
     def ensures(self, model: ir.Model) -> None:
         for node in model.graph:
-            if node.op_type in (OP_TYPE, FFT_OP_TYPE) and node.domain == OP_DOMAIN:
+            if node.op_type in (OP_TYPE, IM2COL_OP_TYPE, FFT_OP_TYPE) and node.domain == OP_DOMAIN:
                 if OP_DOMAIN not in model.opset_imports:
                     from compressor.errors import PassError
 

@@ -17,6 +17,7 @@ from compressor.errors import OptionError
 from compressor.latency import LatencyCache, LatencyContext, LatencyTable
 from compressor.passes.fast_conv import (
     FFT_OP_TYPE,
+    IM2COL_OP_TYPE,
     OP_TYPE,
     FastConvConfig,
     FastConvPass,
@@ -28,6 +29,8 @@ from compressor.profile import profile_model
 
 def _algorithm(proto: onnx.ModelProto) -> str:
     for node in proto.graph.node:
+        if node.op_type == IM2COL_OP_TYPE:
+            return "im2col"
         if node.op_type == FFT_OP_TYPE:
             return "fft"
         if node.op_type == OP_TYPE:
@@ -147,6 +150,31 @@ def test_never_picks_a_slower_algorithm(order):
     timed = sorted((c, a, dims) for c, a, dims in table.timed)
     assert timed == sorted([(3, a, (16, 3, 11, 13)) for a in algorithms]
                            + [(32, a, (16, 32, 6, 7)) for a in algorithms])
+
+
+@pytest.mark.parametrize("im2col_ms", [0.5, 3.0])
+def test_im2col_is_kept_only_where_it_is_measured_fastest(im2col_ms):
+    """Im2colConv (asked for) against Conv at 1 ms and Winograd at 2 ms: picked at 0.5 ms,
+    never at 3 ms; where picked, the model's outputs are the original's."""
+    rng = np.random.default_rng(6)
+    proto = conv_net(rng)
+    ms = {"conv": 1.0, "winograd2": 2.0, "winograd4": 2.0, "im2col": im2col_ms}
+    times = {(c, a): t for c in (3, 16, 24, 32) for a, t in ms.items()}
+    result, out = compress(proto, FakeLatency(times),
+                           algorithms=("winograd2", "winograd4", "im2col"))
+    layers = {r.name: r for r in result.layers}
+    for name in ("c0", "c5"):
+        record, node = layers[name], next(n for n in out.graph.node if n.name == name)
+        assert record.latency_after_ms == min(ms.values())
+        if im2col_ms < ms["conv"]:
+            assert node.op_type == IM2COL_OP_TYPE and node.domain == runtime.OP_DOMAIN
+            assert record.changed and "im2col + GEMM" in record.detail
+            assert record.macs_after == record.macs_before  # same products as Conv
+        else:
+            assert node.op_type == "Conv" and "fastest" in record.skipped
+    x = rng.standard_normal((2, 3, 11, 13)).astype(np.float32)
+    reference, y = run(proto, x), run(out, x)
+    assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 1e-5
 
 
 def large_kernel_net(rng) -> onnx.ModelProto:
