@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import archs  # noqa: E402
-from common import ROOT, SECTIONS, atomic_write, write_section  # noqa: E402
+from common import ROOT, SECTIONS, atomic_write, commit, write_section  # noqa: E402
 
 BUILD = ROOT / "build" / "bench_tool_cost"
 ROWS = BUILD / "rows.json"
@@ -79,8 +79,8 @@ def run_row(model: str, method: str, samples: int) -> dict:
     seconds = time.perf_counter() - started
     row = {"model": model, "method": method, "samples": samples, "wall_s": seconds,
            "peak_rss_gb": usage.ru_maxrss / 2**20, "exit": os.waitstatus_to_exitcode(status),
-           "load_average": os.getloadavg()[0], "measured": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                          time.gmtime())}
+           "load_average": os.getloadavg()[0], "commit": commit(),
+           "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if row["exit"] != 0:
         row["error"] = (BUILD / "last_stderr.txt").read_text()[-500:]
         return row
@@ -137,10 +137,11 @@ def report(rows: dict[str, dict]) -> str:
         "Torchvision-shaped models at 224 x 224 have seeded random weights (`bench/archs.py`); "
         "the zoo models are the bundled Fashion-MNIST ones. The machine is shared with other "
         "engineers: the 1-minute load average while each row ran is shown (2 cores: a load of "
-        "4 means each run had about half the machine).", "",
+        "4 means each run had about half the machine). *commit*: the code that measured the "
+        "row (rows are kept from earlier runs until rerun).", "",
         "| model | method | samples | wall s | peak RSS GB | load | rel. output error | "
-        "largest stages (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "largest stages (s) | commit |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     order = {m: i for i, m in enumerate(ARCHS + ZOO)}
     for row in sorted(rows.values(), key=lambda r: (order.get(r["model"], 99), r["method"],
@@ -153,7 +154,8 @@ def report(rows: dict[str, dict]) -> str:
         lines.append(
             f"| {row['model']} | {row['method']} | {row['samples']} | {row['wall_s']:.0f} | "
             f"{row['peak_rss_gb']:.2f} | {row.get('load_average', 0):.1f} | "
-            f"{'' if error is None else f'{error:.3f}'} | {_stages(row)} |")
+            f"{'' if error is None else f'{error:.3f}'} | {_stages(row)} | "
+            f"{row.get('commit', 'before 14c68e9')} |")
     lines += ["", "**Verdicts** (issue 12 targets):", ""]
     r200 = rows.get(_key("resnet50", "svd", 200))
     r512 = rows.get(_key("resnet50", "svd", 512))
@@ -207,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.methods.split(",") for n in map(int, args.samples.split(","))
                 if not (m in ZOO and n > 512)]
     BUILD.mkdir(parents=True, exist_ok=True)
-    rows = json.loads(ROWS.read_text()) if ROWS.exists() else {}
+    if ROWS.exists():
+        rows = json.loads(ROWS.read_text())
+    else:  # a new checkout: start from the rows the docs hold (each says its commit)
+        published = SECTIONS / "tool_cost.json"
+        rows = ({_key(r["model"], r["method"], r["samples"]): r
+                 for r in json.loads(published.read_text())} if published.exists() else {})
     for model, method, samples in plan:
         key = _key(model, method, samples)
         if key in rows and not args.fresh:
