@@ -166,10 +166,8 @@ class CalibrationWalk:
         self.segments_run = 0
         self.restarts = 0
         # one batch size for the whole walk, so a stored batch meets the same samples in every
-        # segment: sized like Calibration.stream's batches (the calibration's, at most
-        # MAX_BATCH_BYTES of activations)
-        per_sample = calibrate.ACTIVATION_FACTOR * calibration._sample_bytes()
-        size = max(1, min(calibration.batch_size, calibrate.MAX_BATCH_BYTES // max(1, per_sample)))
+        # segment, sized like Calibration.stream's batches
+        size = calibrate.streaming_batch_size(calibration._sample_bytes(), calibration.batch_size)
         total = len(calibration)
         self._bounds = [(start, min(start + size, total)) for start in range(0, total, size)]
 
