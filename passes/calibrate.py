@@ -68,7 +68,8 @@ class StageClock:
 
 
 @contextmanager
-def _timed(clock: StageClock | None, stage: str):
+def timed(clock: StageClock | None, stage: str):
+    """``with timed(clock, stage):`` adds the block's time to ``clock`` (nothing without one)."""
     if clock is None:
         yield
     else:
@@ -312,9 +313,9 @@ class Calibration:
         wanted = [i.name for i in sess.get_inputs()]
 
         def run(start: int, stop: int) -> int:
-            with _timed(clock, f"{stage} forward"):
+            with timed(clock, f"{stage} forward"):
                 outputs = sess.run(value_names, self._feed(wanted, start, stop))
-            with _timed(clock, f"{stage} statistics"):
+            with timed(clock, f"{stage} statistics"):
                 consume(dict(zip(value_names, outputs, strict=True)))
             return sum(o.nbytes for o in outputs)
 

@@ -40,8 +40,8 @@ from compressor.passes import calibrate
 from compressor.passes.calibrate import (
     Calibration,
     StageClock,
-    _timed,
     prefix_model,
+    timed,
 )
 
 # Stored frontier batches beyond this many bytes go to files in a temporary folder (the page
@@ -206,10 +206,10 @@ class CalibrationWalk:
         total = len(self.calibration)
         for index, (start, stop) in enumerate(self._bounds):
             got = []
-            with _timed(self.clock, f"{self.stage} forward"):
+            with timed(self.clock, f"{self.stage} forward"):
                 for track, plan in plans:
                     got.append(self._run(track, plan, index, start, stop))
-            with _timed(self.clock, f"{self.stage} statistics"):
+            with timed(self.clock, f"{self.stage} statistics"):
                 consume(*got)
             if self.calibration.progress is not None:
                 self.calibration.progress(label, stop, total)
