@@ -211,3 +211,13 @@ def test_gram_equals_the_full_product():
     np.testing.assert_allclose(gram(rows), rows.T.astype(np.float64) @ rows, rtol=1e-4,
                                atol=1e-3)
     assert gram(rows[:0]).shape == (9, 9)
+
+
+def test_streaming_batch_size_is_set_by_the_sample_bytes():
+    from compressor.passes import calibrate
+
+    image = 3 * 224 * 224 * 4  # one float32 ImageNet image
+    assert calibrate.streaming_batch_size(image) == calibrate.MAX_BATCH_BYTES // (
+        calibrate.ACTIVATION_FACTOR * image) == 27
+    assert calibrate.streaming_batch_size(100, cap=5) == 5  # small inputs: the cap
+    assert calibrate.streaming_batch_size(2**40) == 1  # never below one sample
