@@ -1,12 +1,18 @@
-// The inputs every Conv-like op reads first, X, W and an optional bias, with their shapes; the
-// op's own shape struct then checks them against each other and its attributes. Pointers are
-// to ORT's buffers (device memory on the CUDA provider).
+// What every Conv-like op shares: its signature, the inputs it reads first (X, W and an
+// optional bias, with their shapes; the op's own shape struct then checks them against each
+// other and its attributes), the attribute checks of the stride-1 algorithms and the switch to
+// their plain reference stages. Pointers are to ORT's buffers (device memory on the CUDA
+// provider).
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "common/ort_op.h"
+#include "ops/lsh_conv/conv2d.h"
 
 namespace compressor {
 
@@ -22,6 +28,40 @@ struct ConvSignature {
   static constexpr ONNXTensorElementDataType kOutputs[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr size_t kFirstOptionalOutput = 1;
 };
+
+// Conv's attributes for an algorithm that computes stride 1, dilation 1 only (WinogradConv,
+// FFTConv); `kernel_size` > 0 also requires kernel_shape, when given, to be that square (0: any
+// kernel). Throws OpError naming the bad attribute, ORT_NOT_IMPLEMENTED for a valid Conv that
+// the algorithm does not compute.
+inline Conv2dAttributes ReadStrideOneAttributes(const OrtKernelInfo* info, int64_t kernel_size = 0) {
+  const Conv2dAttributes a = Conv2dAttributes::Read(info);
+  if (a.strides[0] != 1 || a.strides[1] != 1) {
+    throw OpError("strides " + ShapeString(a.strides) + " are not supported (only [1, 1])",
+                  ORT_NOT_IMPLEMENTED);
+  }
+  if (a.dilations[0] != 1 || a.dilations[1] != 1) {
+    throw OpError("dilations " + ShapeString(a.dilations) + " are not supported (only [1, 1])",
+                  ORT_NOT_IMPLEMENTED);
+  }
+  if (kernel_size > 0 && !a.kernel_shape.empty() &&
+      (a.kernel_shape[0] != kernel_size || a.kernel_shape[1] != kernel_size)) {
+    throw OpError("kernel_shape " + ShapeString(a.kernel_shape) + " is not supported (only " +
+                      ShapeString({kernel_size, kernel_size}) + ")",
+                  ORT_NOT_IMPLEMENTED);
+  }
+  return a;
+}
+
+// Whether the environment variable `name` (COMPRESSOR_<OP>_REFERENCE) asks for the op's plain
+// reference stages: unset, "" or "0" no, "1" yes; anything else throws OpError.
+inline bool ReferenceStagesFromEnvironment(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "0") == 0) {
+    return false;
+  }
+  if (std::strcmp(value, "1") == 0) return true;
+  throw OpError(std::string(name) + " must be 0 or 1, got '" + value + "'");
+}
 
 struct ConvInputs {
   const float* x = nullptr;

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "common/conv_inputs.h"
 #include "common/ort_op.h"
 #include "ops/lsh_conv/conv2d.h"
 
@@ -33,34 +34,10 @@ namespace compressor {
 
 inline constexpr const char* kFFTConvName = "FFTConv";
 
-// The op as ORT sees it (common/ort_op.h, KernelOp): inputs X, W, B (optional); output Y.
-struct FFTConvSignature {
+// The op as ORT sees it (common/conv_inputs.h): inputs X, W, B (optional); output Y. Its
+// attributes are read by ReadStrideOneAttributes (any kernel size).
+struct FFTConvSignature : ConvSignature {
   static constexpr const char* kName = kFFTConvName;
-  static constexpr ONNXTensorElementDataType kInputs[] = {
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  static constexpr size_t kFirstOptionalInput = 2;
-  static constexpr ONNXTensorElementDataType kOutputs[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  static constexpr size_t kFirstOptionalOutput = 1;
-};
-
-// Conv's attributes restricted to what the FFT computes.
-struct FFTConvAttributes : Conv2dAttributes {
-  // Reads and validates the node's attributes; throws OpError naming the bad one.
-  static FFTConvAttributes Read(const OrtKernelInfo* info) {
-    FFTConvAttributes a;
-    static_cast<Conv2dAttributes&>(a) = Conv2dAttributes::Read(info);
-    if (a.strides[0] != 1 || a.strides[1] != 1) {
-      throw OpError("strides " + ShapeString(a.strides) + " are not supported (only [1, 1])",
-                    ORT_NOT_IMPLEMENTED);
-    }
-    if (a.dilations[0] != 1 || a.dilations[1] != 1) {
-      throw OpError("dilations " + ShapeString(a.dilations) + " are not supported (only [1, 1])",
-                    ORT_NOT_IMPLEMENTED);
-    }
-    return a;
-  }
 };
 
 // The most memory the kernel spectra of one FFT size may take (2C x 2M floats per frequency).
@@ -81,7 +58,7 @@ struct FFTConvShape : Conv2dShape {
   int64_t Frequencies() const { return Fh * Fc; }
   int64_t Tiles() const { return N * tiles_h * tiles_w; }
 
-  static FFTConvShape Make(const FFTConvAttributes& a, const std::vector<int64_t>& x,
+  static FFTConvShape Make(const Conv2dAttributes& a, const std::vector<int64_t>& x,
                            const std::vector<int64_t>& w, const std::vector<int64_t>* bias) {
     FFTConvShape g{};
     static_cast<Conv2dShape&>(g) = Conv2dShape::FromShapes(a, x, w, bias);

@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 #include <complex>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -174,15 +173,6 @@ void FrequencyProductReference(int64_t T, int64_t C, int64_t M, const Complex* X
   }
 }
 
-bool ReferenceFromEnvironment() {
-  const char* value = std::getenv("COMPRESSOR_FFT_REFERENCE");
-  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "0") == 0) {
-    return false;
-  }
-  if (std::strcmp(value, "1") == 0) return true;
-  throw OpError(std::string("COMPRESSOR_FFT_REFERENCE must be 0 or 1, got '") + value + "'");
-}
-
 // The kernel spectra of one W at one FFT size: per frequency the real [2C x 2M] matrix.
 struct Spectra {
   std::vector<int64_t> w_shape;
@@ -200,7 +190,8 @@ class FFTConvCpuKernel {
   static constexpr const char* kLabel = kFFTConvName;
 
   FFTConvCpuKernel(const OrtApi& api, const OrtKernelInfo* info)
-      : attributes_(FFTConvAttributes::Read(info)), reference_(ReferenceFromEnvironment()) {
+      : attributes_(ReadStrideOneAttributes(info)),
+        reference_(ReferenceStagesFromEnvironment("COMPRESSOR_FFT_REFERENCE")) {
     // The spectra depend on the FFT size, hence on the input's map size: they are computed at
     // the first Compute and kept while W is a constant and the FFT size does not change.
     int is_constant = 0;
@@ -382,7 +373,7 @@ class FFTConvCpuKernel {
     }
   }
 
-  FFTConvAttributes attributes_;
+  Conv2dAttributes attributes_;
   bool reference_;
   bool constant_weight_ = false;
   std::mutex mutex_;

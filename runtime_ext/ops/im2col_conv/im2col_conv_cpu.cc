@@ -4,8 +4,6 @@
 // pool (inline for small calls: RunInline). COMPRESSOR_IM2COL_REFERENCE=1 runs the plain
 // references of both stages (an im2col loop and a GEMM summing in double).
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "common/conv_inputs.h"
@@ -54,22 +52,13 @@ void GemmReference(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
   }
 }
 
-bool ReferenceFromEnvironment() {
-  const char* value = std::getenv("COMPRESSOR_IM2COL_REFERENCE");
-  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "0") == 0) {
-    return false;
-  }
-  if (std::strcmp(value, "1") == 0) return true;
-  throw OpError(std::string("COMPRESSOR_IM2COL_REFERENCE must be 0 or 1, got '") + value + "'");
-}
-
 class Im2colConvCpuKernel {
  public:
   static constexpr const char* kLabel = kIm2colConvName;
 
   Im2colConvCpuKernel(const OrtApi&, const OrtKernelInfo* info)
       : attributes_(Conv2dAttributes::Read(info, /*any_group=*/true)),
-        reference_(ReferenceFromEnvironment()) {}
+        reference_(ReferenceStagesFromEnvironment("COMPRESSOR_IM2COL_REFERENCE")) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard(kLabel, [&] { Compute(context); });

@@ -34,33 +34,20 @@ struct WinogradConvSignature : ConvSignature {
   static constexpr const char* kName = kWinogradConvName;
 };
 
-// Conv's attributes (validated as for the LSH ops) restricted to what Winograd computes, plus
-// the tile size.
+// Conv's attributes restricted to what Winograd computes (common/conv_inputs.h: stride 1,
+// dilation 1, 3x3), plus the tile size.
 struct WinogradConvAttributes : Conv2dAttributes {
   int64_t tile = 4;
 
   // Reads and validates the node's attributes; throws OpError naming the bad one.
   static WinogradConvAttributes Read(const OrtKernelInfo* info) {
     WinogradConvAttributes a;
-    static_cast<Conv2dAttributes&>(a) = Conv2dAttributes::Read(info);
     a.tile = AttributeInt(info, "tile", a.tile);
     if (a.tile != 2 && a.tile != 4) {
       throw OpError("tile must be 2 (F(2x2,3x3)) or 4 (F(4x4,3x3)), got " +
                     std::to_string(a.tile));
     }
-    if (a.strides[0] != 1 || a.strides[1] != 1) {
-      throw OpError("strides " + ShapeString(a.strides) + " are not supported (only [1, 1])",
-                    ORT_NOT_IMPLEMENTED);
-    }
-    if (a.dilations[0] != 1 || a.dilations[1] != 1) {
-      throw OpError("dilations " + ShapeString(a.dilations) + " are not supported (only [1, 1])",
-                    ORT_NOT_IMPLEMENTED);
-    }
-    if (!a.kernel_shape.empty() && (a.kernel_shape[0] != 3 || a.kernel_shape[1] != 3)) {
-      throw OpError("kernel_shape " + ShapeString(a.kernel_shape) +
-                        " is not supported (only [3, 3])",
-                    ORT_NOT_IMPLEMENTED);
-    }
+    static_cast<Conv2dAttributes&>(a) = ReadStrideOneAttributes(info, /*kernel_size=*/3);
     return a;
   }
 };

@@ -320,22 +320,13 @@ Schedule ScheduleFromEnvironment() {
                 value + "'");
 }
 
-bool ReferenceFromEnvironment() {
-  const char* value = std::getenv("COMPRESSOR_WINOGRAD_REFERENCE");
-  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "0") == 0) {
-    return false;
-  }
-  if (std::strcmp(value, "1") == 0) return true;
-  throw OpError(std::string("COMPRESSOR_WINOGRAD_REFERENCE must be 0 or 1, got '") + value + "'");
-}
-
 class WinogradConvCpuKernel {
  public:
   static constexpr const char* kLabel = kWinogradConvName;
 
   WinogradConvCpuKernel(const OrtApi& api, const OrtKernelInfo* info)
       : attributes_(WinogradConvAttributes::Read(info)),
-        reference_(ReferenceFromEnvironment()),
+        reference_(ReferenceStagesFromEnvironment("COMPRESSOR_WINOGRAD_REFERENCE")),
         schedule_(ScheduleFromEnvironment()) {
     // A constant weight is transformed once, here (at session creation).
     int is_constant = 0;
