@@ -21,6 +21,11 @@ rfft2 / irfft2 and a complex GEMM per frequency, for stride-1, dilation-1, group
 timed on kernels larger than 3x3 only (on 3x3 Winograd F(4x4,3x3) needs fewer operations, as in
 NNPACK's measurements, and 1x1 has nothing to save). Its kernel spectra are computed at the
 first run. ``reference_fft_conv`` is the numpy statement of the algorithm.
+``ai.compressor::DirectConv`` (runtime_ext/ops/direct_conv; CPU only): the direct convolution
+vectorised over output positions for layers with few filters (or over 16 to 64 filters), any
+kernel at stride 1, with the ReLU after the Conv fused into it (``activation="Relu"``) as
+onnxruntime fuses it into its own Conv. It wins where MLAS's channel blocks waste vector lanes
+(LeNet-5's 1->6 and 6->16 5x5 layers) and loses on wide layers, where the timing keeps Conv.
 """
 
 from __future__ import annotations
@@ -44,13 +49,15 @@ OP_TYPE = "WinogradConv"
 DEFAULT_TOLERANCE = 1e-4
 # Calibration samples a layer's error is measured on.
 CALIBRATION_SAMPLES = 16
-# Algorithm name -> WinogradConv tile (None: Im2colConv, FFTConv); "conv" is ORT's Conv.
-ALGORITHMS = {"winograd2": 2, "winograd4": 4, "im2col": None, "fft": None}
-DEFAULT_ALGORITHMS = ("winograd2", "winograd4", "fft")
+# Algorithm name -> WinogradConv tile (None: Im2colConv, FFTConv, DirectConv); "conv" is ORT's.
+ALGORITHMS = {"winograd2": 2, "winograd4": 4, "im2col": None, "fft": None, "direct": None}
+DEFAULT_ALGORITHMS = ("winograd2", "winograd4", "fft", "direct")
+CPU_ONLY = frozenset({"direct"})  # algorithms with no CUDA kernel
 IM2COL_OP_TYPE = "Im2colConv"
 FFT_OP_TYPE = "FFTConv"
+DIRECT_OP_TYPE = "DirectConv"
 LABELS = {"conv": "Conv", "winograd2": "Winograd F(2x2,3x3)", "winograd4": "Winograd F(4x4,3x3)",
-          "im2col": "im2col + GEMM", "fft": "FFT"}
+          "im2col": "im2col + GEMM", "fft": "FFT", "direct": "direct"}
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -185,8 +192,10 @@ def _winograd_macs(node, shapes, inits) -> int:
 
 
 @register_mac_counter(IM2COL_OP_TYPE, domain=OP_DOMAIN)
+@register_mac_counter(DIRECT_OP_TYPE, domain=OP_DOMAIN)
 def _im2col_macs(node, shapes, inits) -> int:
-    """Im2colConv performs the Conv's multiply-adds: each output times C / group * kH * kW."""
+    """Im2colConv and DirectConv perform the Conv's multiply-adds: each output times
+    C / group * kH * kW."""
     w, out = shapes.get(node.input[1]), shapes.get(node.output[0])
     if w is None or out is None or not all(isinstance(d, int) for d in (*w, *out)):
         return 0
@@ -234,7 +243,7 @@ class FastConvConfig(PassConfig):
 def inapplicable_reason(algorithm: str, weight: np.ndarray) -> str | None:
     """Why ``algorithm`` does not apply to a stride-1 Conv with this weight, or None."""
     kh, kw = weight.shape[2:]
-    if algorithm == "im2col":  # Im2colConv computes any kernel
+    if algorithm in ("im2col", "direct"):  # Im2colConv and DirectConv compute any kernel
         return None
     if algorithm == "fft":
         if kh <= 3 and kw <= 3:
@@ -249,6 +258,14 @@ def inapplicable_reason(algorithm: str, weight: np.ndarray) -> str | None:
     return None
 
 
+def timed_algorithms(algorithms: tuple[str, ...], weight: np.ndarray, provider: str,
+                     ) -> tuple[str, ...]:
+    """Of ``algorithms``, those timed against Conv for a stride-1 Conv with this weight on
+    ``provider`` (DirectConv has no CUDA kernel)."""
+    return tuple(a for a in algorithms if inapplicable_reason(a, weight) is None
+                 and (provider == "cpu" or a not in CPU_ONLY))
+
+
 def unsupported_reason(node: ir.Node, algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
                        ) -> tuple[ConvGeometry | None, np.ndarray | None, str | None]:
     """(geometry, weight, None) for a Conv one of ``algorithms`` computes, else (None, None,
@@ -261,10 +278,17 @@ def unsupported_reason(node: ir.Node, algorithms: tuple[str, ...] = DEFAULT_ALGO
     if all(reasons):
         return None, None, "; ".join(dict.fromkeys(reasons)) or "no algorithm asked for"
     if geometry.strides != (1, 1):
-        return None, None, f"strides {list(geometry.strides)}: Winograd and FFT need stride 1"
+        return None, None, (f"strides {list(geometry.strides)}: Winograd, FFT and direct need "
+                            "stride 1")
     if geometry.dilations != (1, 1):
-        return None, None, f"dilations {list(geometry.dilations)}: Winograd and FFT need dilation 1"
+        return None, None, (f"dilations {list(geometry.dilations)}: Winograd, FFT and direct "
+                            "need dilation 1")
     return geometry, weight, None
+
+
+def fuses_relu(activation: ir.Node | None) -> bool:
+    """Whether DirectConv takes ``activation`` (``fused_activation``'s) into itself: a Relu."""
+    return activation is not None and activation.op_type == "Relu"
 
 
 def _layer_nodes(algorithm: str, geometry: ConvGeometry, has_bias: bool, activation,
@@ -274,7 +298,14 @@ def _layer_nodes(algorithm: str, geometry: ConvGeometry, has_bias: bool, activat
 
     inputs = ["x", "w"] + (["b"] if has_bias else [])
     pads = list(geometry.pads)
-    if algorithm == "fft":
+    if algorithm == "direct":
+        relu = fuses_relu(activation)
+        node = helper.make_node(DIRECT_OP_TYPE, inputs, ["z"], name="layer", domain=OP_DOMAIN,
+                                pads=pads, kernel_shape=list(kernel),
+                                activation="Relu" if relu else "")
+        if relu:
+            return [node], {}, "z"
+    elif algorithm == "fft":
         node = helper.make_node(FFT_OP_TYPE, inputs, ["z"], name="layer", domain=OP_DOMAIN,
                                 pads=pads, kernel_shape=list(kernel))
     elif algorithm in ("conv", "im2col"):
@@ -365,7 +396,7 @@ class FastConvPass(Pass):
             return LayerRecord(name=name, op="Conv", skipped="kept ORT's Conv: input shape unknown")
         m, c, kh, kw = weight.shape
         kernel = (kh, kw)
-        candidates = tuple(a for a in config.algorithms if inapplicable_reason(a, weight) is None)
+        candidates = timed_algorithms(config.algorithms, weight, table.context.provider)
         oh = chw[1] + geometry.pads[0] + geometry.pads[2] - kh + 1
         ow = chw[2] + geometry.pads[1] + geometry.pads[3] - kw + 1
         opsets = [helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_DOMAIN_VERSION)]
@@ -420,8 +451,14 @@ class FastConvPass(Pass):
         tile = ALGORITHMS[best]
         attributes = [ir.AttrInt64s("pads", list(geometry.pads)),
                       ir.AttrInt64s("kernel_shape", list(kernel))]
+        replaced, old_out = [node], node.outputs[0]
         if best == "fft":
             op_type, macs = FFT_OP_TYPE, fft_macs(kernel, (oh, ow), c, m)
+        elif best == "direct":
+            op_type, macs = DIRECT_OP_TYPE, dense
+            if fuses_relu(fused):  # the Relu after the Conv runs inside DirectConv
+                attributes.append(ir.AttrString("activation", "Relu"))
+                replaced, old_out = [node, fused], fused.outputs[0]
         elif tile is None:  # Im2colConv: the Conv's own MACs
             op_type, macs = IM2COL_OP_TYPE, dense
         else:
@@ -430,18 +467,21 @@ class FastConvPass(Pass):
             macs = math.ceil(oh / tile) * math.ceil(ow / tile) * (tile + 2) ** 2 * c * m
         new = ir.Node(OP_DOMAIN, op_type, list(node.inputs[:3]), attributes, num_outputs=1,
                       name=node.name)
-        old_out, new_out = node.outputs[0], new.outputs[0]
+        new_out = new.outputs[0]
         new_out.shape, new_out.type = old_out.shape, old_out.type
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [old_out], [new_out])
+        ir.convenience.replace_nodes_and_values(graph, node, replaced, [new], [old_out], [new_out])
         new_out.name = old_out.name
         detail = f"{LABELS[best]} ({timing}); error {errors[best]:.2g}"
+        if len(replaced) > 1:
+            detail += "; the Relu after it fused in"
         if error_note:
             detail += f"; {error_note}"
         return LayerRecord(**common, macs_after=macs, error=errors[best], detail=detail)
 
     def ensures(self, model: ir.Model) -> None:
         for node in model.graph:
-            if node.op_type in (OP_TYPE, IM2COL_OP_TYPE, FFT_OP_TYPE) and node.domain == OP_DOMAIN:
+            if (node.op_type in (OP_TYPE, IM2COL_OP_TYPE, FFT_OP_TYPE, DIRECT_OP_TYPE)
+                    and node.domain == OP_DOMAIN):
                 if OP_DOMAIN not in model.opset_imports:
                     from compressor.errors import PassError
 

@@ -7,6 +7,7 @@
 #include "build_config.h"
 #include "common/ort_op.h"
 #include "ops/diffconv/diffconv.h"
+#include "ops/direct_conv/direct_conv_op.h"
 #include "ops/fft_conv/fft_conv.h"
 #include "ops/im2col_conv/im2col_conv.h"
 #include "ops/lsh_conv/lsh_conv.h"
@@ -51,6 +52,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     compressor::AddWinogradConvCuda(domain);
     compressor::AddIm2colConvCpu(domain);
     compressor::AddIm2colConvCuda(domain);
+    compressor::AddDirectConvCpu(domain);
     Ort::UnownedSessionOptions(options).Add(static_cast<OrtCustomOpDomain*>(domain));
     KeepAlive(std::move(domain));
   });

@@ -236,7 +236,8 @@ COMPRESSOR_CLONES void StoreTransposed(const StoreCall& a) {
       for (int m = 0; m < 16; ++m) {  // unrolled: r stays in registers
         if (m >= mn) break;
         const int64_t o = a.output_channels ? a.output_channels[m0 + m] : m0 + m;
-        const Vec16 v = r[m] + (a.bias ? a.bias[o] : 0.0f);
+        Vec16 v = r[m] + (a.bias ? a.bias[o] : 0.0f);
+        if (a.relu) v = v > Vec16{} ? v : Vec16{};
         float* dst = a.y + o * a.plane + start;
         if (n == kLanes) {
           Store16(dst, v);
@@ -386,6 +387,84 @@ std::vector<float> PackWeights(const float* w, int64_t M, int64_t C, int64_t kH,
   }
   return packed;
 }
+
+
+// ---- The row kernel ----
+
+template <int F, int V = RowVectors(F)>
+COMPRESSOR_INLINE void RowKernel(const float* phase, int64_t positions, int64_t channel_stride,
+                                 const int64_t* offsets, int64_t E, const float* const* weights,
+                                 const int32_t* channels, int64_t active, float* out,
+                                 int64_t out_stride) {
+  for (int64_t p0 = 0; p0 < positions; p0 += V * kLanes) {
+    Vec16 acc[F][V] = {};
+    for (int64_t j = 0; j < active; ++j) {
+      const float* in = phase + j * channel_stride + p0;
+      const float* w[F];
+#pragma GCC unroll 8
+      for (int f = 0; f < F; ++f) w[f] = weights[f] + static_cast<int64_t>(channels[j]) * E;
+      for (int64_t e = 0; e < E; ++e) {
+        const float* x = in + offsets[e];
+        Vec16 xv[V];
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) xv[v] = Load16(x + v * kLanes);
+#pragma GCC unroll 8
+        for (int f = 0; f < F; ++f) {
+          const float ws = w[f][e];
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) acc[f][v] += ws * xv[v];
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int f = 0; f < F; ++f) {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) Store16(out + f * out_stride + p0 + v * kLanes, acc[f][v]);
+    }
+  }
+}
+
+COMPRESSOR_CLONES void StoreRows(const float* source, int64_t length, int64_t rows, int64_t OW,
+                                 float bias, float* y, bool relu) {
+  const Vec16 b = Vec16{} + bias;
+  const Vec16 zero{};
+  for (int64_t row = 0; row < rows; ++row) {
+    const float* from = source + row * length;
+    float* to = y + row * OW;
+    if (OW < kLanes) {
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const float v = from[ow] + bias;
+        to[ow] = relu && !(v > 0.0f) ? 0.0f : v;
+      }
+      continue;
+    }
+    // Whole vectors, the last one overlapping the one before (no scalar tail).
+    for (int64_t ow = 0; ow < OW; ow += kLanes) {
+      const int64_t at = std::min(ow, OW - kLanes);
+      Vec16 v = Load16(from + at) + b;
+      if (relu) v = v > zero ? v : zero;
+      Store16(to + at, v);
+    }
+  }
+}
+
+COMPRESSOR_CLONES void RunRows(const RowCall& a) {
+#define COMPRESSOR_ROWS(F)                                                                          \
+  RowKernel<F>(a.phase, a.positions, a.channel_stride, a.offsets, a.E, a.weights, a.channels, \
+               a.active, a.out, a.out_stride)
+  switch (a.filters) {
+    case 8: COMPRESSOR_ROWS(8); break;
+    case 7: COMPRESSOR_ROWS(7); break;
+    case 6: COMPRESSOR_ROWS(6); break;
+    case 5: COMPRESSOR_ROWS(5); break;
+    case 4: COMPRESSOR_ROWS(4); break;
+    case 3: COMPRESSOR_ROWS(3); break;
+    case 2: COMPRESSOR_ROWS(2); break;
+    default: COMPRESSOR_ROWS(1); break;
+  }
+#undef COMPRESSOR_ROWS
+}
+
 
 }  // namespace direct_conv
 }  // namespace compressor

@@ -163,14 +163,15 @@ COMPRESSOR_INLINE void TransposeStage(Vec16* r) {
 
 // Y[o(m) * plane + j] = buffer window j's channel m + bias[o(m)], for the `count` windows of
 // the unit (window j at out + (j / OW) * row_stride + (j % OW) * width) and m < channels,
-// where o(m) = output_channels[m], or m when output_channels is null: 16 windows x 16
-// channels at a time through a register transpose.
+// where o(m) = output_channels[m], or m when output_channels is null (with `relu`, max(0, .)
+// of it): 16 windows x 16 channels at a time through a register transpose.
 struct StoreCall {
   const float* out;
   int64_t row_stride, width, OW, count, channels, plane;
   const float* bias;  // indexed by o(m), or nullptr
   float* y;           // output channel 0, window 0 of the unit
   const int32_t* output_channels = nullptr;
+  bool relu = false;
 };
 void StoreTransposed(const StoreCall& a);
 
@@ -197,6 +198,68 @@ void RunConv(const ConvCall& a);
 // 16 * nv)) is [C][entries in EntryOrder][16 * nv] at t * K * 64, channels >= M zero.
 std::vector<float> PackWeights(const float* w, int64_t M, int64_t C, int64_t kH, int64_t kW,
                                const EntryOrder& order);
+
+
+// ---- The row kernel (LSHConv's few selected filters, DirectConv's few output channels) ----
+
+// The row kernel, for stride 1 and few selected filters: vector lanes over consecutive
+// windows, weights broadcast, so any number of filters fills the lanes and the selected
+// filters' weights are read where they are (no tiles to gather). With stride 1 the phase
+// image has one phase and window (row, ow) of the unit starts at position row * length + ow:
+// positions [0, rows * length) are every window of the unit plus (kW - 1) * dilation_w junk
+// ones per row, computed and dropped. For F filters and chunks of V vectors (16 V positions):
+// out[f][p] = sum over active channels j and entries e of phase[j][p + offset[e]] *
+// weights[f][channel j][e]. F V = 24 accumulators (F <= 6: V = 4; else V = 3) stay in
+// registers: each step loads V input vectors (mostly split across cache lines, so twice the
+// load slots) and F broadcasts for F V multiply-adds; wider groups need fewer load slots per
+// multiply-add (4 filters x 4 vectors ran at about 0.8 multiply-add vectors a cycle, load
+// bound, on a core that issues 2) and read the phase image fewer times. The phase image needs
+// kRowChunk + (kW - 1) * dilation_w floats of slack past its end (read by junk lanes only).
+inline constexpr int kRowFilters = 8;
+inline constexpr int64_t kRowChunk = 4 * kLanes;  // the longest chunk
+inline constexpr int64_t kRowStrideMultiple = 192;  // a multiple of every chunk (48 and 64 floats)
+constexpr int RowVectors(int filters) { return filters <= 6 ? 4 : 3; }
+
+// Which micro-kernel computes `count` selected filters over `active` input channels at stride
+// 1: the row kernel when channel tiles would hold at most one vector of filters (its 24
+// accumulators need fewer load slots per multiply-add than a one-vector tile's 12), when up
+// to 32 filters meet rows long enough that the junk windows of the padding columns cost at
+// most an eighth, or when each output has so few multiply-adds (at most kRowKernelMaxDepth =
+// active kH kW) that the channel tiles' window-major buffer and transposing store dominate;
+// else the channel tiles. Measured on the zoo's layers, A/B in one process (e.g. batch 64:
+// 16 of 64 filters at 14x14 10-20% faster by rows, 25 of 64 at 14x14 ~10%, 32 of 128 at
+// 7x7 10% slower; f=1: 16->96 1x1 @28x28 2.7x faster by rows, 1->32 3x3 @28x28 1.8x).
+inline constexpr int64_t kRowKernelMaxDepth = 32;
+template <class Shape>
+bool UseRowKernel(const Shape& g, int64_t count, int64_t active) {
+  if (g.stride_h != 1 || g.stride_w != 1) return false;
+  const int64_t junk = (g.kW - 1) * g.dilation_w;
+  return count <= kLanes || (count <= 2 * kLanes && 8 * junk <= g.OW + junk) ||
+         active * g.kH * g.kW <= kRowKernelMaxDepth;
+}
+
+
+struct RowCall {
+  const float* phase;
+  int64_t positions, channel_stride;
+  const int64_t* offsets;
+  int64_t E;
+  const float* const* weights;  // per filter: by_filter + m * C * E
+  const int32_t* channels;      // active channels, in phase-image order
+  int64_t active;
+  float* out;                   // [filters][out_stride], out_stride a multiple of kRowStrideMultiple >= positions
+  int64_t out_stride;
+  int filters;                  // 1..kRowFilters
+};
+
+void RunRows(const RowCall& a);
+
+// The row kernel's output rows to Y: `rows` rows of OW windows (junk columns dropped) from
+// `source` (row stride `length`), plus the bias. With `relu`, max(0, .) of the
+// sum. Its own clones (in a kernel class it compiled for baseline x86-64 only: ~10% of a
+// 1->16 3x3 layer's time at fraction 0.25).
+void StoreRows(const float* source, int64_t length, int64_t rows, int64_t OW, float bias,
+               float* y, bool relu = false);
 
 }  // namespace direct_conv
 }  // namespace compressor

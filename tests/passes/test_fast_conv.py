@@ -16,6 +16,7 @@ from compressor import runtime
 from compressor.errors import OptionError
 from compressor.latency import LatencyCache, LatencyContext, LatencyTable
 from compressor.passes.fast_conv import (
+    DIRECT_OP_TYPE,
     FFT_OP_TYPE,
     IM2COL_OP_TYPE,
     OP_TYPE,
@@ -33,6 +34,8 @@ def _algorithm(proto: onnx.ModelProto) -> str:
             return "im2col"
         if node.op_type == FFT_OP_TYPE:
             return "fft"
+        if node.op_type == DIRECT_OP_TYPE:
+            return "direct"
         if node.op_type == OP_TYPE:
             tile = next(a.i for a in node.attribute if a.name == "tile")
             return f"winograd{tile}"
@@ -118,6 +121,7 @@ def compress(proto, latency, calibration=None, **config):
 
 
 SUPPORTED = (3, 32)  # input channels of the layers Winograd applies to (c0, c5)
+WINOGRAD = ("winograd2", "winograd4")  # the tests of Winograd's choice time only it
 TIME_ORDERS = list(itertools.permutations([1.0, 2.0, 3.0]))
 
 
@@ -131,7 +135,8 @@ def test_never_picks_a_slower_algorithm(order):
         for i, a in enumerate(algorithms):
             times[(c, a)] = order[(i + c) % 3]
     table = FakeLatency(times)
-    result, out = compress(proto, table, FakeCalibration(rng.standard_normal((4, 3, 11, 13)).astype(np.float32)))
+    result, out = compress(proto, table, FakeCalibration(rng.standard_normal((4, 3, 11, 13)).astype(np.float32)),
+                           algorithms=WINOGRAD)
     layers = {r.name: r for r in result.layers}
     for name, c in zip(("c0", "c5"), SUPPORTED, strict=True):
         record = layers[name]
@@ -209,7 +214,8 @@ def test_fft_is_picked_on_large_kernels_only_when_fastest(order):
     proto = large_kernel_net(rng)
     times = {(3, "conv"): order[0], (3, "fft"): order[1], (12, "conv"): order[0],
              (12, "fft"): order[2], (8, "conv"): order[0], (8, "winograd2"): order[1],
-             (8, "winograd4"): order[2]}
+             (8, "winograd4"): order[2], (3, "direct"): 10.0, (12, "direct"): 10.0,
+             (8, "direct"): 10.0}
     table = FakeLatency(times)
     result, out = compress(proto, table)
     layers = {r.name: r for r in result.layers}
@@ -247,7 +253,7 @@ def test_unsupported_layers_keep_conv_with_the_reason():
     proto = conv_net(rng)
     times = {(c, a): (5.0 if a == "conv" else 1.0) for c in (3, 16, 24, 32)
              for a in ("conv", "winograd2", "winograd4")}
-    result, out = compress(proto, FakeLatency(times))
+    result, out = compress(proto, FakeLatency(times), algorithms=WINOGRAD)
     layers = {r.name: r for r in result.layers}
     assert "strides [2, 2]" in layers["s2"].skipped
     assert "kernel 1x1" in layers["k1"].skipped
@@ -268,7 +274,7 @@ def test_error_above_tolerance_keeps_conv():
     proto = conv_net(rng)
     times = {(c, a): (5.0 if a == "conv" else 1.0) for c in (3, 16, 24, 32)
              for a in ("conv", "winograd2", "winograd4")}
-    result, out = compress(proto, FakeLatency(times), tolerance=0.0)
+    result, out = compress(proto, FakeLatency(times), tolerance=0.0, algorithms=WINOGRAD)
     layers = {r.name: r for r in result.layers}
     # F(4x4)'s rounding differs from Conv's on every layer; F(2x2) too on c5's 32 channels
     assert "Winograd F(4x4,3x3) error" in layers["c5"].skipped
@@ -288,7 +294,7 @@ def test_mac_counter_counts_the_transform_domain_products():
     proto = conv_net(rng)
     times = {(c, a): (5.0 if a != "winograd4" else 1.0) for c in (3, 16, 24, 32)
              for a in ("conv", "winograd2", "winograd4")}
-    result, out = compress(proto, FakeLatency(times))
+    result, out = compress(proto, FakeLatency(times), algorithms=WINOGRAD)
     before, after = profile_model(proto), profile_model(out)
     # c0: 11x13 output in 3x4 tiles of 4x4 -> 12 tiles * 36 * 3 * 16; c5: 6x6 output -> 2x2 tiles
     winograd = 12 * 36 * 3 * 16 + 4 * 36 * 32 * 8
@@ -341,7 +347,8 @@ def test_vgg_through_the_pipeline_equals_the_original(tmp_path, monkeypatch):
     checkpoint = zoo.get("vgg").checkpoint
     monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(LatencyTable, "measure",
-                        lambda self, proto, min_time_s: {"conv": 3.0, "winograd2": 2.0, "winograd4": 1.0}[_algorithm(proto)])
+                        lambda self, proto, min_time_s: {"conv": 3.0, "winograd2": 2.0, "winograd4": 1.0,
+                                                                 "direct": 4.0}[_algorithm(proto)])
     result = run_pipeline(CompressOptions(
         model=checkpoint, arch="vgg", method="fast-conv", calib_samples=32, batch=16,
         data=str(zoo.DATA_DIR / "fashion_mnist_calib.npz"), output=tmp_path / "vgg.onnx"))
@@ -354,3 +361,71 @@ def test_vgg_through_the_pipeline_equals_the_original(tmp_path, monkeypatch):
     # the pipeline's own check: the compressed model against the original on calibration data
     assert result.verification.relative_error < 1e-4
     assert result.verification.agreement == 1.0
+
+
+def lenet_like(rng) -> onnx.ModelProto:
+    """x [N, 1, 28, 28] -> 5x5 (1->6, pads 2, bias) -> Relu -> MaxPool -> 5x5 (6->16) -> Relu
+    -> 3x3 (16->4, pads 1) whose output is also a graph output beside its Relu."""
+    nodes, inits = [], []
+    for name, cin, cout, k in (("c1", 1, 6, 5), ("c2", 6, 16, 5), ("c3", 16, 4, 3)):
+        w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"{name}_w"),
+                  numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), f"{name}_b")]
+    nodes = [
+        helper.make_node("Conv", ["x", "c1_w", "c1_b"], ["c1_y"], name="c1", kernel_shape=[5, 5], pads=[2] * 4),
+        helper.make_node("Relu", ["c1_y"], ["c1_r"], name="r1"),
+        helper.make_node("MaxPool", ["c1_r"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "c2_w", "c2_b"], ["c2_y"], name="c2", kernel_shape=[5, 5]),
+        helper.make_node("Relu", ["c2_y"], ["c2_r"], name="r2"),
+        helper.make_node("Conv", ["c2_r", "c3_w", "c3_b"], ["c3_y"], name="c3", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Relu", ["c3_y"], ["y"], name="r3"),
+    ]
+    graph = helper.make_graph(nodes, "lenet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("c3_y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize("direct_ms", [0.5, 3.0])
+def test_direct_is_kept_only_where_fastest_and_takes_the_relu_in(direct_ms):
+    """DirectConv against Conv at 1 ms (FFT at 2 ms, Winograd at 2 ms): picked at 0.5 ms with
+    the Relu after the Conv fused into it, except where the Conv's output has another user
+    (c3's is a graph output); never at 3 ms; the model's outputs are the original's."""
+    rng = np.random.default_rng(9)
+    proto = lenet_like(rng)
+    ms = {"conv": 1.0, "winograd2": 2.0, "winograd4": 2.0, "fft": 2.0, "direct": direct_ms}
+    table = FakeLatency({(c, a): t for c in (1, 6, 16) for a, t in ms.items()}, batch=64)
+    result, out = compress(proto, table, FakeCalibration(rng.standard_normal((4, 1, 28, 28)).astype(np.float32)))
+    layers = {r.name: r for r in result.layers}
+    nodes = {n.name: n for n in out.graph.node}
+    ops = [n.op_type for n in out.graph.node]
+    if direct_ms < 1.0:
+        for name in ("c1", "c2", "c3"):
+            assert nodes[name].op_type == DIRECT_OP_TYPE and nodes[name].domain == runtime.OP_DOMAIN
+            assert layers[name].changed and layers[name].latency_after_ms == direct_ms
+            assert layers[name].macs_after == layers[name].macs_before
+        activation = {n: next((a.s.decode() for a in nodes[n].attribute if a.name == "activation"), "")
+                      for n in ("c1", "c2", "c3")}
+        assert activation == {"c1": "Relu", "c2": "Relu", "c3": ""}
+        assert "r1" not in nodes and "r2" not in nodes and "r3" in nodes
+        assert ops.count("Relu") == 1 and "fused in" in layers["c1"].detail
+    else:
+        assert DIRECT_OP_TYPE not in ops and ops.count("Conv") == 3
+    # timed in context: the candidate for c1 at batch 64 on its real input shape
+    assert (1, "direct", (64, 1, 28, 28)) in table.timed
+    x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
+    session_in, session_out = runtime.session(proto), runtime.session(out)
+    for a, b in zip(session_in.run(None, {"x": x}), session_out.run(None, {"x": x}), strict=True):
+        assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-5
+
+
+def test_direct_is_not_timed_on_cuda():
+    """DirectConv has no CUDA kernel: on the CUDA provider it is never a candidate."""
+    from compressor.passes.fast_conv import DEFAULT_ALGORITHMS, timed_algorithms
+
+    w5, w3 = np.zeros((16, 6, 5, 5), np.float32), np.zeros((16, 6, 3, 3), np.float32)
+    assert timed_algorithms(DEFAULT_ALGORITHMS, w5, "cpu") == ("fft", "direct")
+    assert timed_algorithms(DEFAULT_ALGORITHMS, w5, "cuda") == ("fft",)
+    assert timed_algorithms(DEFAULT_ALGORITHMS, w3, "cuda") == ("winograd2", "winograd4")

@@ -69,23 +69,6 @@ struct ConvScratch {
   std::vector<float*> outs;
 };
 
-// Which micro-kernel computes `count` selected filters over `active` input channels at stride
-// 1: the row kernel when channel tiles would hold at most one vector of filters (its 24
-// accumulators need fewer load slots per multiply-add than a one-vector tile's 12), when up
-// to 32 filters meet rows long enough that the junk windows of the padding columns cost at
-// most an eighth, or when each output has so few multiply-adds (at most kRowKernelMaxDepth =
-// active kH kW) that the channel tiles' window-major buffer and transposing store dominate;
-// else the channel tiles. Measured on the zoo's layers, A/B in one process (e.g. batch 64:
-// 16 of 64 filters at 14x14 10-20% faster by rows, 25 of 64 at 14x14 ~10%, 32 of 128 at
-// 7x7 10% slower; f=1: 16->96 1x1 @28x28 2.7x faster by rows, 1->32 3x3 @28x28 1.8x).
-constexpr int64_t kRowKernelMaxDepth = 32;
-bool UseRowKernel(const Conv2dShape& g, int64_t count, int64_t active) {
-  if (g.stride_h != 1 || g.stride_w != 1) return false;
-  const int64_t junk = (g.kW - 1) * g.dilation_w;
-  return count <= kLanes || (count <= 2 * kLanes && 8 * junk <= g.OW + junk) ||
-         active * g.kH * g.kW <= kRowKernelMaxDepth;
-}
-
 // Every Compute call gets a distinct id, so a thread's SampleState never outlives its call.
 std::atomic<uint64_t> next_call{1};
 
@@ -360,108 +343,6 @@ COMPRESSOR_CLONES void ProjectRows(const float* A, int64_t rows, int64_t cols, c
     case 7: ProjectBlocks<7>(A, rows, cols, X, ldx, Y); break;
     default: ProjectBlocks<8>(A, rows, cols, X, ldx, Y); break;
   }
-}
-
-// The row kernel, for stride 1 and few selected filters: vector lanes over consecutive
-// windows, weights broadcast, so any number of filters fills the lanes and the selected
-// filters' weights are read where they are (no tiles to gather). With stride 1 the phase
-// image has one phase and window (row, ow) of the unit starts at position row * length + ow:
-// positions [0, rows * length) are every window of the unit plus (kW - 1) * dilation_w junk
-// ones per row, computed and dropped. For F filters and chunks of V vectors (16 V positions):
-// out[f][p] = sum over active channels j and entries e of phase[j][p + offset[e]] *
-// weights[f][channel j][e]. F V = 24 accumulators (F <= 6: V = 4; else V = 3) stay in
-// registers: each step loads V input vectors (mostly split across cache lines, so twice the
-// load slots) and F broadcasts for F V multiply-adds; wider groups need fewer load slots per
-// multiply-add (4 filters x 4 vectors ran at about 0.8 multiply-add vectors a cycle, load
-// bound, on a core that issues 2) and read the phase image fewer times. The phase image needs
-// kRowChunk + (kW - 1) * dilation_w floats of slack past its end (read by junk lanes only).
-constexpr int kRowFilters = 8;
-constexpr int64_t kRowChunk = 4 * kLanes;  // the longest chunk
-constexpr int64_t kRowStrideMultiple = 192;  // a multiple of every chunk (48 and 64 floats)
-constexpr int RowVectors(int filters) { return filters <= 6 ? 4 : 3; }
-
-template <int F, int V = RowVectors(F)>
-COMPRESSOR_INLINE void RowKernel(const float* phase, int64_t positions, int64_t channel_stride,
-                                 const int64_t* offsets, int64_t E, const float* const* weights,
-                                 const int32_t* channels, int64_t active, float* out,
-                                 int64_t out_stride) {
-  for (int64_t p0 = 0; p0 < positions; p0 += V * kLanes) {
-    Vec16 acc[F][V] = {};
-    for (int64_t j = 0; j < active; ++j) {
-      const float* in = phase + j * channel_stride + p0;
-      const float* w[F];
-#pragma GCC unroll 8
-      for (int f = 0; f < F; ++f) w[f] = weights[f] + static_cast<int64_t>(channels[j]) * E;
-      for (int64_t e = 0; e < E; ++e) {
-        const float* x = in + offsets[e];
-        Vec16 xv[V];
-#pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) xv[v] = Load16(x + v * kLanes);
-#pragma GCC unroll 8
-        for (int f = 0; f < F; ++f) {
-          const float ws = w[f][e];
-#pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) acc[f][v] += ws * xv[v];
-        }
-      }
-    }
-#pragma GCC unroll 8
-    for (int f = 0; f < F; ++f) {
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) Store16(out + f * out_stride + p0 + v * kLanes, acc[f][v]);
-    }
-  }
-}
-
-// The row kernel's output rows to Y: `rows` rows of OW windows (junk columns dropped) from
-// `source` (row stride `length`), plus the bias. Its own clones: in the kernel class it
-// compiled for baseline x86-64 only (~10% of a 1->16 3x3 layer's time at fraction 0.25).
-COMPRESSOR_CLONES void StoreRows(const float* source, int64_t length, int64_t rows, int64_t OW,
-                                 float bias, float* y) {
-  const Vec16 b = Vec16{} + bias;
-  for (int64_t row = 0; row < rows; ++row) {
-    const float* from = source + row * length;
-    float* to = y + row * OW;
-    if (OW < kLanes) {
-      for (int64_t ow = 0; ow < OW; ++ow) to[ow] = from[ow] + bias;
-      continue;
-    }
-    // Whole vectors, the last one overlapping the one before (no scalar tail).
-    for (int64_t ow = 0; ow < OW; ow += kLanes) {
-      const int64_t at = std::min(ow, OW - kLanes);
-      Store16(to + at, Load16(from + at) + b);
-    }
-  }
-}
-
-struct RowCall {
-  const float* phase;
-  int64_t positions, channel_stride;
-  const int64_t* offsets;
-  int64_t E;
-  const float* const* weights;  // per filter: by_filter + m * C * E
-  const int32_t* channels;      // active channels, in phase-image order
-  int64_t active;
-  float* out;                   // [filters][out_stride], out_stride a multiple of kRowStrideMultiple >= positions
-  int64_t out_stride;
-  int filters;                  // 1..kRowFilters
-};
-
-COMPRESSOR_CLONES void RunRows(const RowCall& a) {
-#define COMPRESSOR_ROWS(F)                                                                          \
-  RowKernel<F>(a.phase, a.positions, a.channel_stride, a.offsets, a.E, a.weights, a.channels, \
-               a.active, a.out, a.out_stride)
-  switch (a.filters) {
-    case 8: COMPRESSOR_ROWS(8); break;
-    case 7: COMPRESSOR_ROWS(7); break;
-    case 6: COMPRESSOR_ROWS(6); break;
-    case 5: COMPRESSOR_ROWS(5); break;
-    case 4: COMPRESSOR_ROWS(4); break;
-    case 3: COMPRESSOR_ROWS(3); break;
-    case 2: COMPRESSOR_ROWS(2); break;
-    default: COMPRESSOR_ROWS(1); break;
-  }
-#undef COMPRESSOR_ROWS
 }
 
 // Weights packed for the micro-kernels: tiles of every filter (PackWeights) for calls that
