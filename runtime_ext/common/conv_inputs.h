@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/ort_op.h"
@@ -62,6 +63,36 @@ inline bool ReferenceStagesFromEnvironment(const char* name) {
   if (std::strcmp(value, "1") == 0) return true;
   throw OpError(std::string(name) + " must be 0 or 1, got '" + value + "'");
 }
+
+// A weight input a kernel prepares once, at session creation (packed, transformed): its data
+// and shape when input `index` is a constant 4-D float tensor with no empty dimension, else
+// data == nullptr (the kernel then prepares the weight at every call).
+struct ConstantWeight {
+  const float* data = nullptr;  // owned by the session; valid while the kernel lives
+  std::vector<int64_t> shape;
+
+  static ConstantWeight Read(const OrtApi& api, const OrtKernelInfo* info, size_t index = 1) {
+    ConstantWeight c;
+    int is_constant = 0;
+    const OrtValue* weight = nullptr;
+    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, index, &is_constant, &weight);
+    if (status != nullptr) {
+      api.ReleaseStatus(status);
+      return c;
+    }
+    if (!is_constant || weight == nullptr) return c;
+    Ort::ConstValue value(weight);
+    auto type = value.GetTensorTypeAndShapeInfo();
+    std::vector<int64_t> shape = type.GetShape();
+    if (shape.size() != 4 || type.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return c;
+    for (int64_t d : shape) {
+      if (d < 1) return c;
+    }
+    c.data = value.GetTensorData<float>();
+    c.shape = std::move(shape);
+    return c;
+  }
+};
 
 struct ConvInputs {
   const float* x = nullptr;

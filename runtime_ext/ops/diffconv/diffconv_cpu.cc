@@ -396,22 +396,14 @@ class DiffConvCpuKernel {
         // COMPRESSOR_DIFFCONV_PORTABLE=1: the portable helpers even on AVX-512 (tests).
         avx512_(UseAvx512("COMPRESSOR_DIFFCONV_PORTABLE")) {
     // A constant weight is packed once.
-    int is_constant = 0;
-    const OrtValue* weight = nullptr;
-    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &weight);
-    if (status != nullptr) {
-      api.ReleaseStatus(status);
-    } else if (is_constant && weight != nullptr) {
-      Ort::ConstValue value(weight);
-      auto shape = value.GetTensorTypeAndShapeInfo().GetShape();
-      if (shape.size() == 4 && value.GetTensorTypeAndShapeInfo().GetElementType() ==
-                                   ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-        const EntryOrder order =
-            EntryOrder::Make(shape[2], shape[3], attributes_.strides[0], attributes_.strides[1],
-                             attributes_.dilations[0], attributes_.dilations[1]);
-        packed_ = PackWeights(value.GetTensorData<float>(), shape[0], shape[1], shape[2], shape[3], order);
-        packed_shape_ = shape;
-      }
+    const ConstantWeight weight = ConstantWeight::Read(api, info);
+    if (weight.data != nullptr) {
+      const std::vector<int64_t>& shape = weight.shape;
+      const EntryOrder order =
+          EntryOrder::Make(shape[2], shape[3], attributes_.strides[0], attributes_.strides[1],
+                           attributes_.dilations[0], attributes_.dilations[1]);
+      packed_ = PackWeights(weight.data, shape[0], shape[1], shape[2], shape[3], order);
+      packed_shape_ = shape;
     }
   }
 

@@ -78,20 +78,8 @@ class DirectConvCpuKernel {
         reference_(ReferenceStagesFromEnvironment("COMPRESSOR_DIRECT_CONV_REFERENCE")),
         avx512_(UseAvx512("COMPRESSOR_DIRECT_CONV_PORTABLE")) {
     // A constant weight (the usual case: an initializer) is packed once, at session creation.
-    int is_constant = 0;
-    const OrtValue* weight = nullptr;
-    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &weight);
-    if (status != nullptr) {
-      api.ReleaseStatus(status);
-    } else if (is_constant && weight != nullptr) {
-      Ort::ConstValue value(weight);
-      auto type = value.GetTensorTypeAndShapeInfo();
-      const std::vector<int64_t> shape = type.GetShape();
-      if (shape.size() == 4 && type.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
-          shape[0] > 0 && shape[1] > 0 && shape[2] > 0 && shape[3] > 0) {
-        constant_ = PackedWeights::Make(value.GetTensorData<float>(), shape);
-      }
-    }
+    const ConstantWeight weight = ConstantWeight::Read(api, info);
+    if (weight.data != nullptr) constant_ = PackedWeights::Make(weight.data, weight.shape);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {

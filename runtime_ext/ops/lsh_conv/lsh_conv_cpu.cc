@@ -27,6 +27,7 @@
 
 #include <immintrin.h>
 
+#include "common/conv_inputs.h"
 #include "common/direct_conv.h"
 #include "common/gemm.h"
 #include "common/simhash.h"
@@ -377,22 +378,13 @@ class LshConvCpuKernel {
         // COMPRESSOR_LSH_CONV_PORTABLE=1: the portable helpers even on AVX-512 (tests).
         avx512_(UseAvx512("COMPRESSOR_LSH_CONV_PORTABLE")) {
     // A constant weight (the usual case: an initializer) is packed once.
-    int is_constant = 0;
-    const OrtValue* weight = nullptr;
-    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &weight);
-    if (status != nullptr) {
-      api.ReleaseStatus(status);
-    } else if (is_constant && weight != nullptr) {
-      Ort::ConstValue value(weight);
-      auto type = value.GetTensorTypeAndShapeInfo();
-      const std::vector<int64_t> shape = type.GetShape();
-      if (shape.size() == 4 && type.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
-          shape[0] > 0 && shape[1] > 0 && shape[2] > 0 && shape[3] > 0) {
-        const Conv2dAttributes& a = attributes_.conv;
-        const EntryOrder order = EntryOrder::Make(shape[2], shape[3], a.strides[0], a.strides[1],
-                                                  a.dilations[0], a.dilations[1]);
-        constant_ = PackedWeights::Make(value.GetTensorData<float>(), shape, order);
-      }
+    const ConstantWeight weight = ConstantWeight::Read(api, info);
+    if (weight.data != nullptr) {
+      const std::vector<int64_t>& shape = weight.shape;
+      const Conv2dAttributes& a = attributes_.conv;
+      const EntryOrder order = EntryOrder::Make(shape[2], shape[3], a.strides[0], a.strides[1],
+                                                a.dilations[0], a.dilations[1]);
+      constant_ = PackedWeights::Make(weight.data, shape, order);
     }
   }
 

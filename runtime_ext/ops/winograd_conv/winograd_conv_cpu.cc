@@ -329,21 +329,11 @@ class WinogradConvCpuKernel {
         reference_(ReferenceStagesFromEnvironment("COMPRESSOR_WINOGRAD_REFERENCE")),
         schedule_(ScheduleFromEnvironment()) {
     // A constant weight is transformed once, here (at session creation).
-    int is_constant = 0;
-    const OrtValue* weight = nullptr;
-    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &weight);
-    if (status != nullptr) {
-      api.ReleaseStatus(status);
-    } else if (is_constant && weight != nullptr) {
-      Ort::ConstValue value(weight);
-      auto type = value.GetTensorTypeAndShapeInfo();
-      auto shape = type.GetShape();
-      if (shape.size() == 4 && shape[2] == 3 && shape[3] == 3 &&
-          type.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-        transformed_ = TransformWeights(value.GetTensorData<float>(), shape[0], shape[1],
-                                        attributes_.tile);
-        transformed_shape_ = shape;
-      }
+    const ConstantWeight weight = ConstantWeight::Read(api, info);
+    if (weight.data != nullptr && weight.shape[2] == 3 && weight.shape[3] == 3) {
+      transformed_ = TransformWeights(weight.data, weight.shape[0], weight.shape[1],
+                                      attributes_.tile);
+      transformed_shape_ = weight.shape;
     }
   }
 
