@@ -40,10 +40,13 @@ def within_bound(y, x, w, b, pads):
     return error_ratio(y, exact, x, w, b, (1, 1), pads, (1, 1), 1) <= 1.0
 
 
-@pytest.fixture(params=["kernels", "reference", "portable"])
+@pytest.fixture(params=["auto", "rows", "tiles", "reference", "portable"])
 def stages(request, monkeypatch):
-    """COMPRESSOR_DIRECT_CONV_REFERENCE: the shared direct convolution or the plain loop;
+    """COMPRESSOR_DIRECT_CONV_KERNEL: UseRowKernel's choice, or the row kernel or the channel
+    tiles on every shape; COMPRESSOR_DIRECT_CONV_REFERENCE: the plain loop instead;
     COMPRESSOR_DIRECT_CONV_PORTABLE: the portable phase image on AVX-512 machines too."""
+    kernel = request.param if request.param in ("rows", "tiles") else "auto"
+    monkeypatch.setenv("COMPRESSOR_DIRECT_CONV_KERNEL", kernel)
     monkeypatch.setenv("COMPRESSOR_DIRECT_CONV_REFERENCE", "1" if request.param == "reference" else "0")
     monkeypatch.setenv("COMPRESSOR_DIRECT_CONV_PORTABLE", "1" if request.param == "portable" else "0")
     return request.param
@@ -101,6 +104,7 @@ def test_matches_ort_conv_and_the_numpy_reference(stages, case):
     np.testing.assert_allclose(y, conv, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel_choice", ["auto", "rows", "tiles"])
 @pytest.mark.parametrize("shape, filters, kernel, pads", [
     ((64, 1, 28, 28), 6, (5, 5), (2, 2, 2, 2)),     # LeNet-5 at batch 64: many units
     ((64, 6, 14, 14), 16, (5, 5), (0, 0, 0, 0)),
@@ -108,7 +112,8 @@ def test_matches_ort_conv_and_the_numpy_reference(stages, case):
     ((1, 64, 56, 56), 80, (3, 3), (1, 1, 1, 1)),    # row blocks of one image, two tiles
     ((3, 3, 40, 33), 7, (7, 7), (3, 3, 3, 3)),
 ])
-def test_larger_layers(shape, filters, kernel, pads):
+def test_larger_layers(shape, filters, kernel, pads, kernel_choice, monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_DIRECT_CONV_KERNEL", kernel_choice)
     rng = np.random.default_rng(7)
     x = rng.standard_normal(shape).astype(np.float32)
     w = (rng.standard_normal((filters, shape[1], *kernel)) * 0.1).astype(np.float32)
@@ -171,8 +176,10 @@ def test_bad_shapes_are_ort_errors_naming_the_op(x_shape, w_shape, bias_shape, m
     assert OP in str(info.value)
 
 
-def test_bad_reference_variable_is_an_error_naming_the_op(monkeypatch):
-    monkeypatch.setenv("COMPRESSOR_DIRECT_CONV_REFERENCE", "yes")
+@pytest.mark.parametrize("variable", ["COMPRESSOR_DIRECT_CONV_REFERENCE",
+                                      "COMPRESSOR_DIRECT_CONV_KERNEL"])
+def test_bad_environment_variable_is_an_error_naming_the_op(monkeypatch, variable):
+    monkeypatch.setenv(variable, "yes")
     w = np.ones((3, 2, 3, 3), np.float32)
-    with pytest.raises(Exception, match="DirectConv.*COMPRESSOR_DIRECT_CONV_REFERENCE"):
+    with pytest.raises(Exception, match=f"DirectConv.*{variable}"):
         run(conv_model(OP, [1, 2, 5, 5], w, None), {"X": np.zeros((1, 2, 5, 5), np.float32)})

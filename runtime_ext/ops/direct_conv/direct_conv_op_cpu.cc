@@ -5,7 +5,9 @@
 // store adding the bias and the fused ReLU. Units run on ORT's intra-op thread pool (inline
 // for small calls: RunInline). A constant weight is packed once, at session creation.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common/conv_inputs.h"
@@ -39,6 +41,20 @@ struct PackedWeights {
     return p;
   }
 };
+
+// Which kernel computes a call: UseRowKernel's choice, or the one
+// COMPRESSOR_DIRECT_CONV_KERNEL names ("rows", "tiles"; "" or "auto": the choice), so tests
+// run both kernels on every shape.
+enum class KernelChoice { kAuto, kRows, kTiles };
+
+KernelChoice KernelFromEnvironment() {
+  const char* value = std::getenv("COMPRESSOR_DIRECT_CONV_KERNEL");
+  const std::string v = value == nullptr ? "" : value;
+  if (v.empty() || v == "auto") return KernelChoice::kAuto;
+  if (v == "rows") return KernelChoice::kRows;
+  if (v == "tiles") return KernelChoice::kTiles;
+  throw OpError("COMPRESSOR_DIRECT_CONV_KERNEL must be auto, rows or tiles, got '" + v + "'");
+}
 
 // The reference: a plain loop over every output, summing in double.
 void RunReference(const DirectConvShape& g, const float* x, const float* w, const float* bias,
@@ -76,7 +92,8 @@ class DirectConvCpuKernel {
       : attributes_(ReadStrideOneAttributes(info)),
         relu_(ReadDirectConvActivation(info) == DirectConvActivation::kRelu),
         reference_(ReferenceStagesFromEnvironment("COMPRESSOR_DIRECT_CONV_REFERENCE")),
-        avx512_(UseAvx512("COMPRESSOR_DIRECT_CONV_PORTABLE")) {
+        avx512_(UseAvx512("COMPRESSOR_DIRECT_CONV_PORTABLE")),
+        kernel_(KernelFromEnvironment()) {
     // A constant weight (the usual case: an initializer) is packed once, at session creation.
     const ConstantWeight weight = ConstantWeight::Read(api, info);
     if (weight.data != nullptr) constant_ = PackedWeights::Make(weight.data, weight.shape);
@@ -112,7 +129,8 @@ class DirectConvCpuKernel {
            const PackedWeights& packed, const float* bias, float* y) const {
     const bool inline_units = RunInline(g);
     const int64_t threads = inline_units ? 1 : HardwareThreads();
-    const bool by_rows = UseRowKernel(g, g.M, g.C);
+    const bool by_rows = kernel_ == KernelChoice::kAuto ? UseRowKernel(g, g.M, g.C)
+                                                        : kernel_ == KernelChoice::kRows;
     // Output rows per unit: the phase image within kImageBytes and the channel tiles' buffer
     // within kBufferBytes, and at most an even share of the call over 2 units per thread.
     int64_t rows = std::max<int64_t>(1, kImageBytes / (4 * g.C * g.Wp) - (g.kH - 1));
@@ -198,6 +216,7 @@ class DirectConvCpuKernel {
   bool relu_;
   bool reference_;
   bool avx512_;  // the AVX-512 phase image; the micro-kernels use target_clones
+  KernelChoice kernel_;
   PackedWeights constant_;
 };
 
