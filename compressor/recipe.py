@@ -9,7 +9,7 @@ and a speed target, the int8 stage's own gain is measured first on the original 
 stages aim for the rest.
 
 After the stages, the compressed model is timed against the original side by side. If it is
-slower, the changed layers that gain least time per unit of output error are rolled back
+slower (or not faster by ``MIN_GAIN``, the timing's noise margin), the changed layers that gain least time per unit of output error are rolled back
 (``exclude``) and the recipe runs again; if it misses the target, or passes it by more than
 ``OVERSHOOT``, another round runs with the stages' goal corrected by the measured ratio. Of the
 rounds, one that meets the target closest wins (least compressed), else the fastest.
@@ -45,6 +45,12 @@ MAX_ROUNDS = 3  # recipe runs at most: the first, then rollback or refinement ro
 ROLLBACK_FRACTION = 1 / 3  # of the changed layers, the worst this share is rolled back a round
 MAX_REFINEMENT = 1.5  # a refinement round asks at most this much more (or less) than the target
 OVERSHOOT = 1.1  # measured up to this much past the target is close enough
+# A round must measure at least this much faster than the original to count as faster: two
+# side-by-side timings of the same pair differ by a few percent on a shared machine (the
+# benchmark measured 0.98x where the recipe had measured 1.11x), and a model written as
+# "faster" must not be slower on the user's next measurement. Below it the round is rolled
+# back like a slower one, and if no round passes it the cleaned original is written.
+MIN_GAIN = 1.05
 
 
 def _predicted(stages: Sequence[StageRecord], int8_gain: float | None) -> float | None:
@@ -329,14 +335,15 @@ class Recipe:
                                 t_new, predicted, round_, sorted(exclude))
             if best is None or _better(speed, best[4]):
                 best = (speed.measured, model, results, stages, speed, self._pass_reprs)
-            if speed.measured < 1.0:
+            if speed.measured < MIN_GAIN:
                 order = [r.name for r in self._rollback_order(results) if r.name not in exclude]
                 if not order:
                     break
                 take = max(1, math.ceil(len(order) * ROLLBACK_FRACTION))
                 exclude = exclude | frozenset(order[:take])
-                notes.append(f"round {round_}: measured {speed.measured:.2f}x (slower than the "
-                             f"original): rolling back {', '.join(order[:take])}")
+                notes.append(f"round {round_}: measured {speed.measured:.2f}x (not faster than "
+                             f"the original by {MIN_GAIN:g}x): rolling back "
+                             f"{', '.join(order[:take])}")
                 continue
             if goal is None or round_ == MAX_ROUNDS:
                 break
@@ -357,9 +364,10 @@ class Recipe:
         self.progress("recipe rounds", MAX_ROUNDS, MAX_ROUNDS)
         assert best is not None
         measured, model, results, stages, speed, reprs = best
-        if measured < 1.0:
-            # Nothing found was faster: the cleaned original is, by definition, not slower.
-            notes.append(f"every round measured slower than the original (best "
+        if measured < MIN_GAIN:
+            # Nothing found was clearly faster: the cleaned original is, by definition, not
+            # slower.
+            notes.append(f"no round measured faster than the original by {MIN_GAIN:g}x (best "
                          f"{measured:.2f}x): wrote the cleaned original instead")
             model, results, stages, reprs = _copy(original), [], [], []
             speed = dataclasses.replace(speed, compressed_ms=speed.original_ms, predicted=1.0,

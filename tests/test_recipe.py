@@ -23,9 +23,10 @@ class FakeLatency(LatencyTable):
     """time = 0.1 ms + 1 ms per million MACs, cached in memory only; ``compare`` can be made
     to lie about the compressed model."""
 
-    def __init__(self, compressed_factor: float = 1.0):
+    def __init__(self, compressed_factor: float = 1.0, measured_speedup: float | None = None):
         super().__init__(LatencyContext(), LatencyCache(persistent=False))
         self.compressed_factor = compressed_factor
+        self.measured_speedup = measured_speedup  # compare: compressed = original / this
         self.compared = 0
 
     def measure(self, proto: onnx.ModelProto, min_time_s: float) -> float:
@@ -36,6 +37,8 @@ class FakeLatency(LatencyTable):
         times = {name: self.measure(m, min_time_s) for name, m in models.items()}
         if "compressed" in times:
             times["compressed"] *= self.compressed_factor
+            if self.measured_speedup is not None:
+                times["compressed"] = times["original"] / self.measured_speedup
         return times
 
 
@@ -159,6 +162,28 @@ def test_slower_model_is_rolled_back_then_falls_back_to_the_original(small_model
     assert any("rolling back" in n for n in result.notes)
     assert any("wrote the cleaned original" in n for n in result.notes)
     assert result.ratio_reached == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("measured", [1.02, 1.08])
+def test_a_gain_within_the_noise_margin_is_not_kept(small_model, tmp_path, monkeypatch,
+                                                      measured):
+    """Every round measured 1.02x (within MIN_GAIN, the timing's noise): rolled back, then the
+    cleaned original is written; at 1.08x the compressed model is kept."""
+    from compressor.recipe import MIN_GAIN
+
+    assert 1.02 < MIN_GAIN < 1.08
+    model, data = small_model
+    _patch_latency(monkeypatch, FakeLatency(measured_speedup=measured))
+    out = tmp_path / "out.onnx"
+    result = compress(CompressOptions(model=model, output=out, method="svd", speedup=1.5,
+                                      data=str(data), rank_multiple=4))
+    if measured < MIN_GAIN:
+        assert result.speed.fell_back_to_original and result.ratio_reached == pytest.approx(1.0)
+        assert any(f"not faster than the original by {MIN_GAIN:g}x" in n for n in result.notes)
+    else:
+        assert not result.speed.fell_back_to_original and result.ratio_reached < 1.0
+        assert result.speed.measured == pytest.approx(measured)
+    assert result.speed.met is False
 
 
 def test_rollback_order_prefers_layers_that_gain_least_per_error():
