@@ -408,6 +408,27 @@ class LatencyTable:
         return out
 
 
+# --------------------------------------------------------------------------- predictions
+
+
+def predicted_whole_ms(whole_ms: float, dense_ms: float, chosen_ms: float) -> float:
+    """The whole model's predicted time when layers that take ``dense_ms`` (their candidates'
+    times, summed) take ``chosen_ms`` instead: the rest of the model as measured
+    (``whole_ms - dense_ms``), plus the chosen layers. The one prediction every pass that
+    chooses by measured time reports (svd, prune, fast-conv)."""
+    return whole_ms - dense_ms + chosen_ms
+
+
+def prediction_stats(whole_ms: float, predicted_ms: float) -> dict[str, float]:
+    """A pass's stats for its prediction: the measured whole-model time before, the predicted
+    time after and their ratio (``predicted_speedup``, which the recipe reads)."""
+    return {
+        "latency_ms_before": whole_ms,
+        "predicted_latency_ms": predicted_ms,
+        "predicted_speedup": whole_ms / predicted_ms if predicted_ms > 0 else float("inf"),
+    }
+
+
 # --------------------------------------------------------------------------- candidates
 
 

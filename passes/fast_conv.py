@@ -332,13 +332,19 @@ class FastConvPass(Pass):
         self.latency = latency
 
     def call(self, model: ir.Model) -> PassResult:
-        from compressor.latency import LatencyTable
+        from compressor.latency import (
+            WHOLE_MODEL_MIN_TIME_S,
+            LatencyTable,
+            predicted_whole_ms,
+            prediction_stats,
+        )
 
         if self.latency is None:
             self.latency = LatencyTable()
         config: FastConvConfig = self.config
         graph = model.graph
         opset = model.opset_imports.get("", 18)
+        before = ir.serde.serialize_model(model)  # the whole model's time, for the prediction
         records: list[LayerRecord] = []
         layers = []
         for node in list(graph):
@@ -371,6 +377,11 @@ class FastConvPass(Pass):
             "macs_before": sum(r.macs_before for r in changed),
             "macs_after": sum(r.macs_after for r in changed),
         }
+        if changed:  # the prediction every latency-driven pass reports (the recipe reads it)
+            whole_ms = self.latency.time(before, min_time_s=WHOLE_MODEL_MIN_TIME_S)
+            predicted = predicted_whole_ms(whole_ms, sum(r.latency_before_ms for r in changed),
+                                           sum(r.latency_after_ms for r in changed))
+            stats.update(prediction_stats(whole_ms, predicted))
         return PassResult(model=model, modified=bool(changed), layers=records, stats=stats)
 
     def _choose(self, graph: ir.Graph, name: str, node: ir.Node, geometry: ConvGeometry,

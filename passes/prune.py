@@ -35,6 +35,8 @@ from compressor.latency import (
     candidate_model,
     filler,
     fused_activation,
+    predicted_whole_ms,
+    prediction_stats,
 )
 from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
 from compressor.passes.budget import EXCLUDED_REASON
@@ -1034,15 +1036,13 @@ class PruneChannelsPass(Pass):
                                         mins, cfg.channel_multiple,
                                         comparable=getattr(criterion, "comparable", False),
                                         macs_budget=macs_budget)
-        predicted_ms = whole_ms - dense_ms + latency.total(sizes)
+        predicted_ms = predicted_whole_ms(whole_ms, dense_ms, latency.total(sizes))
         if predicted_ms > target_ms * (1 + 1e-9):
             notes.append(f"speedup {cfg.speedup:g} not reachable by pruning: predicted "
                          f"{whole_ms / predicted_ms:.2f}x ({predicted_ms:.3f} ms of "
                          f"{whole_ms:.3f} ms)")
         stats = {
-            "latency_ms_before": whole_ms,
-            "predicted_latency_ms": predicted_ms,
-            "predicted_speedup": whole_ms / predicted_ms if predicted_ms > 0 else float("inf"),
+            **prediction_stats(whole_ms, predicted_ms),
             "latency_cache_hits": table.hits - hits,
             "latency_cache_misses": table.misses - misses,
         }

@@ -40,6 +40,8 @@ from compressor.latency import (
     candidate_model,
     filler,
     fused_activation,
+    predicted_whole_ms,
+    prediction_stats,
 )
 from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
 from compressor.passes.budget import EXCLUDED_REASON, Option, allocate
@@ -318,7 +320,7 @@ class LowRankSVDPass(Pass):
             macs_budget = cfg.ratio * total_macs - (
                 total_macs - sum(a.layer.dense_macs for a in timed))
         allocation = allocate(option_sets, budget, key="cost", macs_budget=macs_budget)
-        predicted_ms = whole_ms - dense_ms + allocation.cost
+        predicted_ms = predicted_whole_ms(whole_ms, dense_ms, allocation.cost)
         if predicted_ms > target_ms * (1 + 1e-9):
             notes.append(f"speedup {cfg.speedup:g} not reachable by svd alone: predicted "
                          f"{whole_ms / predicted_ms:.2f}x ({predicted_ms:.3f} ms of "
@@ -343,9 +345,7 @@ class LowRankSVDPass(Pass):
                     reason = "kept dense: the speedup is met with less error in other layers"
             timing[analysis.layer.name] = _Timing(opts[0].cost, option.value("cost"), reason)
         stats = {
-            "latency_ms_before": whole_ms,
-            "predicted_latency_ms": predicted_ms,
-            "predicted_speedup": whole_ms / predicted_ms if predicted_ms > 0 else float("inf"),
+            **prediction_stats(whole_ms, predicted_ms),
             "latency_cache_hits": table.hits - hits,
             "latency_cache_misses": table.misses - misses,
         }

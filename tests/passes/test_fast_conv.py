@@ -49,14 +49,22 @@ def _channels(proto: onnx.ModelProto) -> int:
 
 
 class FakeLatency(LatencyTable):
-    """ms from ``times[(input channels, algorithm)]``; in memory only; records what it timed."""
+    """ms from ``times[(input channels, algorithm)]`` for a candidate (at most 2 nodes: the
+    layer and its activation), ``whole_ms`` for a whole model; in memory only; records the
+    candidates it timed, and the whole models in ``wholes``."""
 
-    def __init__(self, times: dict[tuple[int, str], float], batch: int = 16):
+    def __init__(self, times: dict[tuple[int, str], float], batch: int = 16,
+                 whole_ms: float = 100.0):
         super().__init__(LatencyContext(batch=batch), LatencyCache(persistent=False))
         self.times = times
+        self.whole_ms = whole_ms
         self.timed: list[tuple[int, str, tuple]] = []
+        self.wholes = 0
 
     def measure(self, proto: onnx.ModelProto, min_time_s: float) -> float:
+        if len(proto.graph.node) > 2:
+            self.wholes += 1
+            return self.whole_ms
         dims = tuple(d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim)
         key = (_channels(proto), _algorithm(proto))
         self.timed.append((*key, dims))
@@ -415,6 +423,14 @@ def test_direct_is_kept_only_where_fastest_and_takes_the_relu_in(direct_ms):
         assert DIRECT_OP_TYPE not in ops and ops.count("Conv") == 3
     # timed in context: the candidate for c1 at batch 64 on its real input shape
     assert (1, "direct", (64, 1, 28, 28)) in table.timed
+    # the prediction: the whole model's 100 ms, less what the replaced layers saved
+    if direct_ms < 1.0:
+        assert table.wholes == 1
+        predicted = 100.0 - 3 * (1.0 - direct_ms)
+        assert result.stats["predicted_latency_ms"] == pytest.approx(predicted)
+        assert result.stats["predicted_speedup"] == pytest.approx(100.0 / predicted)
+    else:
+        assert table.wholes == 0 and "predicted_speedup" not in result.stats
     x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
     session_in, session_out = runtime.session(proto), runtime.session(out)
     for a, b in zip(session_in.run(None, {"x": x}), session_out.run(None, {"x": x}), strict=True):
