@@ -11,6 +11,7 @@ shapes, ops and attributes, not on which numbers the weights hold).
   ``~/.cache/compressor/latency.json``), written atomically, merged with what other processes
   wrote meanwhile, and a corrupt file is reported and replaced, never fatal.
 * ``LatencyTable``: ``time(model)`` (median ms of one ``session.run``, cached) for candidates,
+  ``time_all(models)`` for the candidates of one choice (the misses side by side, cached),
   ``compare(models)`` (side by side, never cached) for whole models. Both run
   ``compressor.evaluate.measure_latency`` on ``compressor.runtime.session``s, spinning off.
 * ``candidate_model``: a standalone model of a few nodes, to time a candidate in its context;
@@ -370,6 +371,35 @@ class LatencyTable:
         self.cache.save()
         return ms
 
+    def time_all(self, protos: Sequence[onnx.ModelProto]) -> list[float]:
+        """``time`` of several candidates that take the same inputs (one layer's algorithms or
+        ranks), the ones not cached measured side by side in alternating rounds, so a change
+        in the machine's load while they run falls on all of them alike and their ratios, from
+        which the choice and the prediction are made, stay right. Each is cached."""
+        signatures = [graph_signature(p) for p in protos]
+        out: list[float | None] = [self.cache.get(self.context_key, s) for s in signatures]
+        missing = [i for i, ms in enumerate(out) if ms is None]
+        self.hits += len(protos) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            measured = self.measure_all([protos[i] for i in missing],
+                                        self.min_time_s * len(missing))
+            for i, ms in zip(missing, measured, strict=True):
+                if not (np.isfinite(ms) and ms > 0):
+                    raise UnsupportedModelError(f"timing gave {ms} ms: not a usable latency")
+                self.cache.put(self.context_key, signatures[i], ms)
+                out[i] = ms
+            self.cache.save()
+        return [float(ms) for ms in out]
+
+    def measure_all(self, protos: Sequence[onnx.ModelProto], min_time_s: float) -> list[float]:
+        """Time ``protos`` now, side by side (no cache). A table whose ``measure`` is
+        substituted (tests) measures each through it instead."""
+        if type(self).measure is not _TABLE_MEASURE or len(protos) == 1:
+            return [self.measure(p, min_time_s / len(protos)) for p in protos]
+        times = self._median({str(i): p for i, p in enumerate(protos)}, None, min_time_s)
+        return [times[str(i)] for i in range(len(protos))]
+
     def measure(self, proto: onnx.ModelProto, min_time_s: float) -> float:
         """Time ``proto`` now (no cache): median ms over at least ``min_runs`` runs lasting
         ``min_time_s``, after ``warmup`` runs. The one place a table measures: a test
@@ -406,6 +436,10 @@ class LatencyTable:
                                   "(its batch dimension is fixed to another size)")
             out[name] = stats[name][batch].p50_ms
         return out
+
+
+# The table's own ``measure``: one that differs (a subclass's, a patched one) is a test's.
+_TABLE_MEASURE = LatencyTable.measure
 
 
 # --------------------------------------------------------------------------- predictions

@@ -414,15 +414,16 @@ class FastConvPass(Pass):
         fused = fused_activation(node)
 
         # Time every algorithm as it will run (with the activation ORT fuses into its Conv).
-        times: dict[str, float] = {}
+        # Side by side (time_all): the choice and the prediction are ratios between them.
+        protos = []
         for algorithm in ("conv", *candidates):
             nodes, inits, out = _layer_nodes(algorithm, geometry, has_bias, fused, kernel)
             inits.update({"w": filler(weight.shape)})
             if has_bias:
                 inits["b"] = filler((m,))
-            proto = candidate_model(nodes, {"x": ((table.context.batch, *chw), np.float32)},
-                                    {out: (None, np.float32)}, inits, opsets)
-            times[algorithm] = float(table.time(proto))
+            protos.append(candidate_model(nodes, {"x": ((table.context.batch, *chw), np.float32)},
+                                          {out: (None, np.float32)}, inits, opsets))
+        times = dict(zip(("conv", *candidates), table.time_all(protos), strict=True))
 
         # Each algorithm's error against ORT's Conv on the layer's real inputs.
         if activation_input is not None:

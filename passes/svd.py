@@ -486,13 +486,13 @@ class _LayerAnalysis:
     def timed_options(self, table: LatencyTable, opset: int) -> list[Option]:
         """``options()`` with their measured cost (ms), the dense option first and marked."""
         activation = fused_activation(self.layer.node)
-        out = []
-        for option in self.options():
-            ms = table.time(self.timing_model(option.payload, table.context.batch, activation,
-                                              opset))
-            out.append(Option(option.macs, option.loss, option.payload, cost=ms,
-                              dense=option.payload is None))
-        return out
+        options = self.options()
+        # Side by side (time_all): the allocation compares each rank with dense.
+        times = table.time_all([self.timing_model(option.payload, table.context.batch,
+                                                  activation, opset) for option in options])
+        return [Option(option.macs, option.loss, option.payload, cost=ms,
+                       dense=option.payload is None) for option, ms in zip(options, times,
+                                                                           strict=True)]
 
     def timing_model(self, choice: _Choice | None, batch: int, activation: ir.Node | None,
                      opset: int) -> onnx.ModelProto:

@@ -262,6 +262,33 @@ def test_compare_times_side_by_side_and_never_caches(cache_path):
     assert set(table.compare({"a": _gemm_model()}, {"x": x}, min_time_s=0.0)) == {"a"}
 
 
+def test_time_all_measures_the_misses_side_by_side_and_caches_each(cache_path, monkeypatch):
+    table = LatencyTable(cache=LatencyCache(cache_path), min_time_s=0.01)
+    small, large = _gemm_model(outputs=4), _gemm_model(outputs=512)
+    first = table.time(small)  # cached: time_all takes it from the cache
+    calls = []
+    real = LatencyTable._median
+
+    def median(self, models, feeds, min_time_s):
+        calls.append((len(models), min_time_s))
+        return real(self, models, feeds, min_time_s)
+
+    monkeypatch.setattr(LatencyTable, "_median", median)
+    mid = _gemm_model(outputs=64)
+    times = table.time_all([small, mid, large])
+    assert times[0] == first and all(np.isfinite(t) and t > 0 for t in times)
+    assert calls == [(2, pytest.approx(0.02))]  # the two misses, in one side-by-side timing
+    assert (table.hits, table.misses) == (1, 3)
+    again = LatencyTable(cache=LatencyCache(cache_path))
+    assert again.time_all([large, mid]) == [times[2], times[1]] and again.hits == 2
+
+
+def test_time_all_goes_through_a_substituted_measure(cache_path):
+    table = CountingTable(cache=LatencyCache(cache_path), min_time_s=0.2)
+    assert table.time_all([_gemm_model(outputs=3), _gemm_model(outputs=5)]) == [2.5, 2.5]
+    assert table.measured == [pytest.approx(0.2), pytest.approx(0.2)]
+
+
 # ----------------------------------------------------------------------------- candidates
 
 
