@@ -291,19 +291,51 @@ def fuses_relu(activation: ir.Node | None) -> bool:
     return activation is not None and activation.op_type == "Relu"
 
 
+def following_pool(node: ir.Node, activation: ir.Node | None) -> ir.Node | None:
+    """The MaxPool DirectConv can take into itself after ``node`` (a Conv) and its Relu
+    ``activation`` (or no activation): kernel 2x2, stride 2, no pads or dilations, floor, no
+    indices output, the only user of the value before it; else None."""
+    if activation is not None and not fuses_relu(activation):
+        return None
+    before = (activation or node).outputs[0]
+    if before.is_graph_output():
+        return None
+    users = list(before.uses())
+    if len(users) != 1:
+        return None
+    pool = users[0].node
+    if pool.op_type != "MaxPool" or pool.domain not in ("", "ai.onnx") or len(pool.outputs) != 1:
+        return None
+    a = pool.attributes
+
+    def ints(name: str, default: list[int]) -> list[int]:
+        return list(a.get_ints(name, default))
+
+    if (ints("kernel_shape", []) != [2, 2] or ints("strides", [1, 1]) != [2, 2]
+            or any(ints("pads", [0, 0, 0, 0])) or ints("dilations", [1, 1]) != [1, 1]
+            or a.get_int("ceil_mode", 0) or a.get_int("storage_order", 0)
+            or a.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+        return None
+    return pool
+
+
 def _layer_nodes(algorithm: str, geometry: ConvGeometry, has_bias: bool, activation,
-                 kernel: tuple[int, int] = (3, 3),
+                 kernel: tuple[int, int] = (3, 3), pool: ir.Node | None = None,
                  ) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray], str]:
+    """The candidate's nodes reading x (w, b) and its output: the algorithm's node, then the
+    activation ORT fuses with a Conv, then ``pool`` (a MaxPool after them), except where
+    DirectConv takes them into itself."""
     from compressor.latency import activation_nodes
 
     inputs = ["x", "w"] + (["b"] if has_bias else [])
     pads = list(geometry.pads)
     if algorithm == "direct":
         relu = fuses_relu(activation)
+        extra = dict(pool=[2, 2]) if pool is not None else {}
         node = helper.make_node(DIRECT_OP_TYPE, inputs, ["z"], name="layer", domain=OP_DOMAIN,
                                 pads=pads, kernel_shape=list(kernel),
-                                activation="Relu" if relu else "")
-        if relu:
+                                activation="Relu" if relu else "", **extra)
+        if relu or activation is None:
             return [node], {}, "z"
     elif algorithm == "fft":
         node = helper.make_node(FFT_OP_TYPE, inputs, ["z"], name="layer", domain=OP_DOMAIN,
@@ -316,7 +348,12 @@ def _layer_nodes(algorithm: str, geometry: ConvGeometry, has_bias: bool, activat
         node = helper.make_node(OP_TYPE, inputs, ["z"], name="layer", domain=OP_DOMAIN,
                                 pads=pads, tile=ALGORITHMS[algorithm])
     act, inits, out = activation_nodes(activation, "z", "y")
-    return [node, *act], inits, out
+    nodes = [node, *act]
+    if pool is not None:
+        nodes.append(helper.make_node("MaxPool", [out], ["pooled"], name="pool",
+                                      kernel_shape=[2, 2], strides=[2, 2]))
+        out = "pooled"
+    return nodes, inits, out
 
 
 class FastConvPass(Pass):
@@ -412,12 +449,14 @@ class FastConvPass(Pass):
         ow = chw[2] + geometry.pads[1] + geometry.pads[3] - kw + 1
         opsets = [helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_DOMAIN_VERSION)]
         fused = fused_activation(node)
+        pool = following_pool(node, fused) if "direct" in candidates else None
 
-        # Time every algorithm as it will run (with the activation ORT fuses into its Conv).
-        # Side by side (time_all): the choice and the prediction are ratios between them.
+        # Time every algorithm as it will run (with the activation ORT fuses into its Conv,
+        # and the MaxPool after it where DirectConv could take it in). Side by side
+        # (time_all): the choice and the prediction are ratios between them.
         protos = []
         for algorithm in ("conv", *candidates):
-            nodes, inits, out = _layer_nodes(algorithm, geometry, has_bias, fused, kernel)
+            nodes, inits, out = _layer_nodes(algorithm, geometry, has_bias, fused, kernel, pool)
             inits.update({"w": filler(weight.shape)})
             if has_bias:
                 inits["b"] = filler((m,))
@@ -471,6 +510,9 @@ class FastConvPass(Pass):
             if fuses_relu(fused):  # the Relu after the Conv runs inside DirectConv
                 attributes.append(ir.AttrString("activation", "Relu"))
                 replaced, old_out = [node, fused], fused.outputs[0]
+            if pool is not None:  # and so does the MaxPool after them
+                attributes.append(ir.AttrInt64s("pool", [2, 2]))
+                replaced, old_out = [*replaced, pool], pool.outputs[0]
         elif tile is None:  # Im2colConv: the Conv's own MACs
             op_type, macs = IM2COL_OP_TYPE, dense
         else:
@@ -485,7 +527,8 @@ class FastConvPass(Pass):
         new_out.name = old_out.name
         detail = f"{LABELS[best]} ({timing}); error {errors[best]:.2g}"
         if len(replaced) > 1:
-            detail += "; the Relu after it fused in"
+            fused_in = " and ".join(n.op_type for n in replaced[1:])
+            detail += f"; the {fused_in} after it fused in"
         if error_note:
             detail += f"; {error_note}"
         return LayerRecord(**common, macs_after=macs, error=errors[best], detail=detail)

@@ -49,8 +49,8 @@ def _channels(proto: onnx.ModelProto) -> int:
 
 
 class FakeLatency(LatencyTable):
-    """ms from ``times[(input channels, algorithm)]`` for a candidate (at most 2 nodes: the
-    layer and its activation), ``whole_ms`` for a whole model; in memory only; records the
+    """ms from ``times[(input channels, algorithm)]`` for a candidate (the layer, its
+    activation, a MaxPool), ``whole_ms`` for a whole model; in memory only; records the
     candidates it timed, and the whole models in ``wholes``."""
 
     def __init__(self, times: dict[tuple[int, str], float], batch: int = 16,
@@ -59,15 +59,17 @@ class FakeLatency(LatencyTable):
         self.times = times
         self.whole_ms = whole_ms
         self.timed: list[tuple[int, str, tuple]] = []
+        self.pooled: dict[tuple[int, str], bool] = {}  # whether the candidate ends in a MaxPool
         self.wholes = 0
 
     def measure(self, proto: onnx.ModelProto, min_time_s: float) -> float:
-        if len(proto.graph.node) > 2:
+        if len(proto.graph.node) > 2 and proto.graph.node[-1].op_type != "MaxPool":
             self.wholes += 1
             return self.whole_ms
         dims = tuple(d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim)
         key = (_channels(proto), _algorithm(proto))
         self.timed.append((*key, dims))
+        self.pooled[key] = proto.graph.node[-1].op_type == "MaxPool"
         return self.times[key]
 
 
@@ -416,13 +418,23 @@ def test_direct_is_kept_only_where_fastest_and_takes_the_relu_in(direct_ms):
             assert layers[name].macs_after == layers[name].macs_before
         activation = {n: next((a.s.decode() for a in nodes[n].attribute if a.name == "activation"), "")
                       for n in ("c1", "c2", "c3")}
+        pool = {n: next((list(a.ints) for a in nodes[n].attribute if a.name == "pool"), [])
+                for n in ("c1", "c2", "c3")}
         assert activation == {"c1": "Relu", "c2": "Relu", "c3": ""}
+        assert pool == {"c1": [2, 2], "c2": [], "c3": []}  # c1's Relu feeds a 2x2 MaxPool
         assert "r1" not in nodes and "r2" not in nodes and "r3" in nodes
-        assert ops.count("Relu") == 1 and "fused in" in layers["c1"].detail
+        assert ops.count("Relu") == 1 and "MaxPool" not in ops
+        assert "the Relu and MaxPool after it fused in" in layers["c1"].detail
+        assert "the Relu after it fused in" in layers["c2"].detail
     else:
         assert DIRECT_OP_TYPE not in ops and ops.count("Conv") == 3
-    # timed in context: the candidate for c1 at batch 64 on its real input shape
+    # timed in context: the candidate for c1 at batch 64 on its real input shape, every
+    # algorithm with the MaxPool after it (DirectConv with it inside)
     assert (1, "direct", (64, 1, 28, 28)) in table.timed
+    assert table.pooled == {(1, "conv"): True, (1, "fft"): True, (1, "direct"): False,
+                            (6, "conv"): False, (6, "fft"): False, (6, "direct"): False,
+                            (16, "conv"): False, (16, "winograd2"): False,
+                            (16, "winograd4"): False, (16, "direct"): False}
     # the prediction: the whole model's 100 ms, less what the replaced layers saved
     if direct_ms < 1.0:
         assert table.wholes == 1

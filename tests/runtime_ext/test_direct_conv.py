@@ -23,16 +23,25 @@ def reference(x, w, b, pads, relu):
     return np.maximum(y, 0) if relu else y
 
 
-def direct_conv(x, w, b, pads, relu, weight_as_input=False):
+def max_pool(y):
+    """MaxPool 2x2, stride 2, floor, as numpy."""
+    n, m, h, w = y.shape
+    y = y[:, :, : h // 2 * 2, : w // 2 * 2]
+    return y.reshape(n, m, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+
+def direct_conv(x, w, b, pads, relu, weight_as_input=False, pool=False):
+    extra = dict(pool=[2, 2]) if pool else {}
     model = conv_model(OP, x.shape, w, b, weight_as_input=weight_as_input, pads=list(pads),
-                       activation="Relu" if relu else "")
+                       activation="Relu" if relu else "", **extra)
     feeds = {"X": x, "W": w} if weight_as_input else {"X": x}
     return run(model, feeds)[0]
 
 
-def ort_conv(x, w, b, pads, relu):
+def ort_conv(x, w, b, pads, relu, pool=False):
     y = run(conv_model("Conv", x.shape, w, b, pads=list(pads)), {"X": x})[0]
-    return np.maximum(y, 0) if relu else y
+    y = np.maximum(y, 0) if relu else y
+    return max_pool(y) if pool else y
 
 
 def within_bound(y, x, w, b, pads):
@@ -61,6 +70,7 @@ cases = st.fixed_dictionaries({
     "pads": st.tuples(*[st.integers(0, 2)] * 4),
     "bias": st.booleans(),
     "relu": st.booleans(),
+    "pool": st.booleans(),
     "seed": st.integers(0, 2**31 - 1),
 })
 
@@ -73,24 +83,28 @@ def make_case(case):
     x = rng.standard_normal((case["batch"], case["channels"], h, wd)).astype(np.float32)
     w = rng.standard_normal((case["filters"], case["channels"], kh, kw)).astype(np.float32)
     b = rng.standard_normal(case["filters"]).astype(np.float32) if case["bias"] else None
-    return x, w, b, case["pads"], case["relu"]
+    return x, w, b, case["pads"], case["relu"], case["pool"]
 
 
 @example(case=dict(batch=1, channels=1, filters=1, size=(1, 1), kernel=(1, 1),
-                   pads=(0, 0, 0, 0), bias=True, relu=True, seed=0))
+                   pads=(0, 0, 0, 0), bias=True, relu=True, pool=False, seed=0))
 @example(case=dict(batch=2, channels=1, filters=6, size=(14, 14), kernel=(5, 5),
-                   pads=(2, 2, 2, 2), bias=True, relu=True, seed=1))     # LeNet-5's first layer
+                   pads=(2, 2, 2, 2), bias=True, relu=True, pool=True, seed=1))     # LeNet-5's first layer
 @example(case=dict(batch=2, channels=6, filters=16, size=(7, 7), kernel=(5, 5),
-                   pads=(0, 0, 0, 0), bias=True, relu=False, seed=2))    # and its second
+                   pads=(0, 0, 0, 0), bias=True, relu=True, pool=True, seed=2))    # and its second
 @example(case=dict(batch=1, channels=12, filters=70, size=(9, 5), kernel=(3, 3),
-                   pads=(1, 0, 2, 1), bias=False, relu=True, seed=3))    # two channel tiles
+                   pads=(1, 0, 2, 1), bias=False, relu=True, pool=True, seed=3))    # two channel tiles
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases)
 def test_matches_ort_conv_and_the_numpy_reference(stages, case):
-    x, w, b, pads, relu = make_case(case)
-    y = direct_conv(x, w, b, pads, relu)
-    conv = ort_conv(x, w, b, pads, relu)
+    x, w, b, pads, relu, pool = make_case(case)
+    y = direct_conv(x, w, b, pads, relu, pool=pool)
+    conv = ort_conv(x, w, b, pads, relu, pool=pool)
     assert y.shape == conv.shape
+    if pool:  # the pool picks one of the unpooled outputs: they must match exactly
+        np.testing.assert_array_equal(y, max_pool(direct_conv(x, w, b, pads, relu)))
+        np.testing.assert_allclose(y, conv, rtol=1e-4, atol=1e-4)
+        return
     if relu:
         assert (y >= 0).all()
         # ReLU only clips: where the convolution is positive, the bound of the plain sum holds
@@ -123,6 +137,8 @@ def test_larger_layers(shape, filters, kernel, pads, kernel_choice, monkeypatch)
     np.testing.assert_allclose(y, ort_conv(x, w, b, pads, False), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(direct_conv(x, w, b, pads, relu=True), np.maximum(y, 0),
                                rtol=0, atol=0)
+    np.testing.assert_array_equal(direct_conv(x, w, b, pads, relu=True, pool=True),
+                                  max_pool(np.maximum(y, 0)))
 
 
 def test_weight_as_graph_input():
@@ -140,6 +156,9 @@ def test_zero_batch_gives_an_empty_output():
     model = conv_model(OP, ["N", 2, 5, 5], w, None, pads=[1, 1, 1, 1])
     y = run(model, {"X": np.zeros((0, 2, 5, 5), np.float32)})[0]
     assert y.shape == (0, 3, 5, 5)
+    pooled = conv_model(OP, ["N", 2, "H", 5], w, None, pool=[2, 2])  # 3x3 -> 1x1; 1 row -> none
+    assert run(pooled, {"X": np.ones((2, 2, 5, 5), np.float32)})[0].shape == (2, 3, 1, 1)
+    assert run(pooled, {"X": np.ones((2, 2, 3, 5), np.float32)})[0].shape == (2, 3, 0, 1)
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -152,6 +171,7 @@ def test_zero_batch_gives_an_empty_output():
     (dict(pads=[1, 1]), "pads must be 4"),
     (dict(kernel_shape=[5, 5]), "kernel_shape"),
     (dict(activation="Sigmoid"), "activation must be"),
+    (dict(pool=[3, 3]), r"pool must be \[\] or \[2, 2\]"),
 ])
 def test_bad_attributes_are_ort_errors_naming_the_op(attrs, message):
     w = np.ones((4, 2, 3, 3), np.float32)

@@ -6,9 +6,12 @@
 //
 // Inputs:  X [N, C, H, W] float, W [M, C, kH, kW] float (the Conv's own weights), B [M] float
 //          (optional).
-// Outputs: Y [N, M, OH, OW] float.
+// Outputs: Y [N, M, OH, OW] float; with `pool`, Y [N, M, OH / 2, OW / 2].
 // Attributes: pads, kernel_shape (checked), strides and dilations (1 only), group (1 only),
-//             activation: "" (none, the default) or "Relu" (y = max(conv + bias, 0)).
+//             activation: "" (none, the default) or "Relu" (y = max(conv + bias, 0)),
+//             pool: [] (none, the default) or [2, 2]: a fused MaxPool (kernel 2x2, stride 2,
+//             no pads, floor) after the activation, as LeNet-style Conv-Relu-MaxPool blocks run;
+//             the unpooled rows stay in the unit's cache-resident scratch, never in memory.
 //
 // It is the shared direct convolution of common/direct_conv.h (LSHConv's kernels, with every
 // filter selected and every channel active) as an op: per image and block of output rows, a
@@ -40,12 +43,18 @@ struct DirectConvSignature : ConvSignature {
 // width, within 32-bit sizes.
 struct DirectConvShape : Conv2dShape {
   int64_t Wp = 0;  // W + pad_left + pad_right: a padded row, the stride between output rows
+  bool pool = false;  // a fused 2x2 stride-2 MaxPool: Y is [N, M, PH, PW]
+  int64_t PH = 0, PW = 0;  // Y's map: OH x OW, or OH / 2 x OW / 2 with the pool
 
   static DirectConvShape Make(const Conv2dAttributes& a, const std::vector<int64_t>& x,
-                              const std::vector<int64_t>& w, const std::vector<int64_t>* bias) {
+                              const std::vector<int64_t>& w, const std::vector<int64_t>* bias,
+                              bool pool = false) {
     DirectConvShape g{};
     static_cast<Conv2dShape&>(g) = Conv2dShape::FromShapes(a, x, w, bias);
     g.Wp = g.W + a.pads[1] + a.pads[3];
+    g.pool = pool;
+    g.PH = pool ? g.OH / 2 : g.OH;
+    g.PW = pool ? g.OW / 2 : g.OW;
     if (g.D() > INT32_MAX / 64 || (g.H + a.pads[0] + a.pads[2]) * g.Wp > INT32_MAX / 64 ||
         g.M > INT32_MAX / 64 || g.M * g.OH * g.Wp > INT32_MAX / 4) {
       throw OpError("shape too large: X " + ShapeString(x) + ", W " + ShapeString(w),
@@ -60,6 +69,10 @@ enum class DirectConvActivation { kNone, kRelu };
 
 // Reads the `activation` attribute; throws OpError naming an unknown value.
 DirectConvActivation ReadDirectConvActivation(const OrtKernelInfo* info);
+
+// Reads the `pool` attribute: false for [] (or absent), true for [2, 2]; throws OpError for any
+// other value.
+bool ReadDirectConvPool(const OrtKernelInfo* info);
 
 // Registration hook: adds the CPU kernel to the op domain.
 void AddDirectConvCpu(Ort::CustomOpDomain& domain);

@@ -56,9 +56,40 @@ KernelChoice KernelFromEnvironment() {
   throw OpError("COMPRESSOR_DIRECT_CONV_KERNEL must be auto, rows or tiles, got '" + v + "'");
 }
 
-// The reference: a plain loop over every output, summing in double.
+// Y's rows [pr0, pr0 + rows / 2) of one channel from `rows` (even) unpooled rows of width OW
+// at `source`: the max of each 2x2 block (floor: an odd last column is dropped).
+COMPRESSOR_CLONES void MaxPool2x2Rows(const float* source, int64_t rows, int64_t OW,
+                                      int64_t PW, float* y) {
+  for (int64_t pr = 0; pr < rows / 2; ++pr) {
+    const float* r0 = source + 2 * pr * OW;
+    const float* r1 = r0 + OW;
+    float* to = y + pr * PW;
+    int64_t pw = 0;
+    for (; pw + kLanes <= PW; pw += kLanes) {
+      const Vec16 a = Load16(r0 + 2 * pw), b = Load16(r0 + 2 * pw + kLanes);
+      const Vec16 c = Load16(r1 + 2 * pw), d = Load16(r1 + 2 * pw + kLanes);
+      const Vec16 top = a > c ? a : c, bottom = b > d ? b : d;
+      const Vec16 even = __builtin_shufflevector(top, bottom, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
+                                                 20, 22, 24, 26, 28, 30);
+      const Vec16 odd = __builtin_shufflevector(top, bottom, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19,
+                                                21, 23, 25, 27, 29, 31);
+      Store16(to + pw, even > odd ? even : odd);
+    }
+    for (; pw < PW; ++pw) {
+      to[pw] = std::max(std::max(r0[2 * pw], r0[2 * pw + 1]), std::max(r1[2 * pw], r1[2 * pw + 1]));
+    }
+  }
+}
+
+// The reference: a plain loop over every output, summing in double, then the pool.
 void RunReference(const DirectConvShape& g, const float* x, const float* w, const float* bias,
                   bool relu, float* y) {
+  std::vector<float> conv;
+  float* out = y;
+  if (g.pool) {
+    conv.resize(static_cast<size_t>(g.N * g.M * g.OH * g.OW));
+    out = conv.data();
+  }
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t m = 0; m < g.M; ++m) {
       for (int64_t oh = 0; oh < g.OH; ++oh) {
@@ -77,8 +108,18 @@ void RunReference(const DirectConvShape& g, const float* x, const float* w, cons
             }
           }
           if (relu && s < 0) s = 0;
-          y[((n * g.M + m) * g.OH + oh) * g.OW + ow] = static_cast<float>(s);
+          out[((n * g.M + m) * g.OH + oh) * g.OW + ow] = static_cast<float>(s);
         }
+      }
+    }
+  }
+  if (!g.pool) return;
+  for (int64_t nm = 0; nm < g.N * g.M; ++nm) {
+    for (int64_t ph = 0; ph < g.PH; ++ph) {
+      for (int64_t pw = 0; pw < g.PW; ++pw) {
+        const float* at = out + (nm * g.OH + 2 * ph) * g.OW + 2 * pw;
+        y[(nm * g.PH + ph) * g.PW + pw] =
+            std::max(std::max(at[0], at[1]), std::max(at[g.OW], at[g.OW + 1]));
       }
     }
   }
@@ -91,6 +132,7 @@ class DirectConvCpuKernel {
   DirectConvCpuKernel(const OrtApi& api, const OrtKernelInfo* info)
       : attributes_(ReadStrideOneAttributes(info)),
         relu_(ReadDirectConvActivation(info) == DirectConvActivation::kRelu),
+        pool_(ReadDirectConvPool(info)),
         reference_(ReferenceStagesFromEnvironment("COMPRESSOR_DIRECT_CONV_REFERENCE")),
         avx512_(UseAvx512("COMPRESSOR_DIRECT_CONV_PORTABLE")),
         kernel_(KernelFromEnvironment()) {
@@ -107,10 +149,10 @@ class DirectConvCpuKernel {
   void Compute(OrtKernelContext* raw_context) {
     const ConvInputs in = ConvInputs::Read(raw_context);
     const DirectConvShape g =
-        DirectConvShape::Make(attributes_, in.x_shape, in.w_shape, in.BiasShape());
+        DirectConvShape::Make(attributes_, in.x_shape, in.w_shape, in.BiasShape(), pool_);
     Ort::KernelContext context(raw_context);
-    Ort::UnownedValue y = context.GetOutput(0, {g.N, g.M, g.OH, g.OW});
-    if (g.N == 0 || g.OH == 0 || g.OW == 0) return;
+    Ort::UnownedValue y = context.GetOutput(0, {g.N, g.M, g.PH, g.PW});
+    if (g.N == 0 || g.PH == 0 || g.PW == 0) return;
     float* out = y.GetTensorMutableData<float>();
     if (reference_) {
       RunReference(g, in.x, in.w, in.bias, relu_, out);
@@ -137,14 +179,17 @@ class DirectConvCpuKernel {
     if (!by_rows) {
       rows = std::min(rows, std::max<int64_t>(1, kBufferBytes / (4 * g.Wp * kTileWidth)));
     }
-    rows = std::min(rows, (g.N * g.OH + 2 * threads - 1) / (2 * threads));
-    rows = std::clamp<int64_t>(rows, 1, g.OH);
-    const int64_t blocks = (g.OH + rows - 1) / rows;
+    // With the pool, the rows the pool reads (an odd last one is not) in even blocks.
+    const int64_t computed = g.pool ? 2 * g.PH : g.OH;
+    rows = std::min(rows, (g.N * computed + 2 * threads - 1) / (2 * threads));
+    rows = std::clamp<int64_t>(rows, 1, computed);
+    if (g.pool) rows = std::max<int64_t>(2, rows / 2 * 2);
+    const int64_t blocks = (computed + rows - 1) / rows;
     ParallelUnits(inline_units ? nullptr : context, static_cast<size_t>(g.N * blocks),
                   [&](size_t i) {
                     const int64_t unit = static_cast<int64_t>(i);
                     const int64_t oh0 = (unit % blocks) * rows;
-                    RunUnit(g, by_rows, unit / blocks, oh0, std::min(g.OH, oh0 + rows), x,
+                    RunUnit(g, by_rows, unit / blocks, oh0, std::min(computed, oh0 + rows), x,
                             packed, bias, y);
                   });
   }
@@ -153,14 +198,28 @@ class DirectConvCpuKernel {
   // to kRowFilters filters or the channel tiles per 64 filters (as LSHConv's dense case).
   void RunUnit(const DirectConvShape& g, bool by_rows, int64_t n, int64_t oh0, int64_t oh1,
                const float* x, const PackedWeights& packed, const float* bias, float* y) const {
-    thread_local std::vector<float> phase_buffer, out_buffer;
+    thread_local std::vector<float> phase_buffer, out_buffer, pool_buffer;
     thread_local std::vector<int32_t> channels;
     const Geometry direct = Geometry::Of(g);
     const EntryOrder order = EntryOrder::Make(direct);
     const PhaseLayout layout = PhaseLayout::Make(direct, oh0, oh1);
     const EntryOffsets entry = MakeEntryOffsets(direct, layout, order);
-    const int64_t E = g.kH * g.kW, plane = g.OH * g.OW, rows = oh1 - oh0;
-    float* out = y + n * g.M * plane + oh0 * g.OW;  // channel m at out + m * plane
+    const int64_t E = g.kH * g.kW, rows = oh1 - oh0;
+    // The stores write channel m at out + m * plane: Y's rows, or with the pool the unit's
+    // scratch of unpooled rows, pooled into Y at the end.
+    int64_t plane = g.OH * g.OW;
+    float* out = y + n * g.M * plane + oh0 * g.OW;
+    if (g.pool) {
+      plane = rows * g.OW;
+      out = Scratch(pool_buffer, static_cast<size_t>(g.M * plane));
+    }
+    auto pool_into_y = [&] {
+      if (!g.pool) return;
+      for (int64_t m = 0; m < g.M; ++m) {
+        MaxPool2x2Rows(out + m * plane, rows, g.OW, g.PW,
+                       y + ((n * g.M + m) * g.PH + oh0 / 2) * g.PW);
+      }
+    };
     // The row kernel's junk lanes of the last chunk read up to a chunk plus a kernel row's
     // span past the last channel: slack, zeroed.
     const int64_t image_size = g.C * layout.Size(), slack = kRowChunk + g.kW;
@@ -189,6 +248,7 @@ class DirectConvCpuKernel {
                     bias != nullptr ? bias[m0 + f] : 0.0f, out + (m0 + f) * plane, relu_);
         }
       }
+      pool_into_y();
       return;
     }
 
@@ -210,10 +270,12 @@ class DirectConvCpuKernel {
                                 bias != nullptr ? bias + m0 : nullptr, out + m0 * plane, nullptr,
                                 relu_});
     }
+    pool_into_y();
   }
 
   Conv2dAttributes attributes_;
   bool relu_;
+  bool pool_;
   bool reference_;
   bool avx512_;  // the AVX-512 phase image; the micro-kernels use target_clones
   KernelChoice kernel_;
@@ -229,6 +291,14 @@ DirectConvActivation ReadDirectConvActivation(const OrtKernelInfo* info) {
   if (value.empty()) return DirectConvActivation::kNone;
   if (value == "Relu") return DirectConvActivation::kRelu;
   throw OpError("activation must be \"\" or \"Relu\", got '" + value + "'", ORT_NOT_IMPLEMENTED);
+}
+
+bool ReadDirectConvPool(const OrtKernelInfo* info) {
+  const std::vector<int64_t> pool = AttributeInts(info, "pool", {});
+  if (pool.empty()) return false;
+  if (pool.size() == 2 && pool[0] == 2 && pool[1] == 2) return true;
+  throw OpError("pool must be [] or [2, 2] (a 2x2 stride-2 MaxPool), got " + ShapeString(pool),
+                ORT_NOT_IMPLEMENTED);
 }
 
 void AddDirectConvCpu(Ort::CustomOpDomain& domain) { AddOp<DirectConvCpuOp>(domain); }
