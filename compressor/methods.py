@@ -127,8 +127,9 @@ METHODS: dict[str, Method] = {
     "lsh-window": Method("lsh-window", "grouping similar input windows by LSH, LSHWindowConv "
                          "custom op (runtime_ext; needs --data)", _lsh_window),
     "fast-conv": Method("fast-conv", "per layer, the fastest convolution algorithm by measured "
-                        "latency (Winograd F(2x2)/F(4x4) custom op, runtime_ext) within "
-                        "--tolerance", _fast_conv, measures_latency=True),
+                        "latency (Winograd F(2x2)/F(4x4), FFT, direct with a fused Relu and "
+                        "MaxPool: custom ops, runtime_ext) within --tolerance", _fast_conv,
+                        measures_latency=True),
 }
 
 
