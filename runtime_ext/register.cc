@@ -48,6 +48,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     compressor::AddLshWindowConvCpu(domain);
     compressor::AddLshWindowConvCuda(domain);
     compressor::AddFFTConvCpu(domain);
+    compressor::AddFFTConvCuda(domain);
     compressor::AddWinogradConvCpu(domain);
     compressor::AddWinogradConvCuda(domain);
     compressor::AddIm2colConvCpu(domain);

@@ -18,11 +18,13 @@
 // Fh and Fw are 2^a 3^b sizes chosen to minimise the transformed points per output, within
 // a budget for the kernel spectra. COMPRESSOR_FFT_REFERENCE=1 runs plain references of the three
 // stages (direct DFTs in double and a scalar complex product) in place of pocketfft and the GEMM.
+// The CUDA kernel (fft_conv_kernel.cu) runs the same stages with cuFFT and a batched GEMM.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -116,7 +118,24 @@ struct FFTConvShape : Conv2dShape {
   }
 };
 
-// Registration hook: adds the CPU kernel to the op domain.
+// Registration hooks: each adds its kernel to the op domain.
 void AddFFTConvCpu(Ort::CustomOpDomain& domain);
+
+#if COMPRESSOR_WITH_CUDA
+void AddFFTConvCuda(Ort::CustomOpDomain& domain);
+
+// The cuFFT plans of one CUDA kernel instance, by transform size and batch, kept while the
+// kernel lives (fft_conv_kernel.cu; a plan's creation allocates its work area).
+class FFTConvCudaPlans;
+std::shared_ptr<FFTConvCudaPlans> MakeFFTConvCudaPlans();
+
+// Runs the CPU kernel's three stages (and the kernel spectra) on `stream` (ORT's compute
+// stream): rfft2 / irfft2 by cuFFT, the per-frequency products as one batched GEMM. Returns an
+// empty string on success, else the cuFFT or CUDA error.
+std::string LaunchFFTConvCuda(FFTConvCudaPlans& plans, const FFTConvShape& g, const float* x,
+                              const float* w, const float* bias, float* y, void* stream);
+#else
+inline void AddFFTConvCuda(Ort::CustomOpDomain&) {}  // built without CUDA: nothing to add
+#endif
 
 }  // namespace compressor
