@@ -253,6 +253,8 @@ def run_row(subj: Subject, recipe: str, batch: int, target: float | None,
         speed = result.speed
         row.update(
             predicted=None if speed is None else speed.predicted,
+            table_predicted=None if speed is None else speed.table_predicted,
+            rounds=None if speed is None else speed.history,
             pipeline_measured=None if speed is None else speed.measured,
             pipeline_met=None if speed is None else speed.met,
             rolled_back=[] if speed is None else list(speed.rolled_back),
@@ -474,8 +476,9 @@ def markdown(rows: list[dict]) -> str:
         "Each row: `compress(CompressOptions(method=..., speedup=target, batch=..., "
         "quantize=...))`, then the result timed against the original side by side in one "
         "process (alternating order, onnxruntime CPU, spinning off, default threads; p50) "
-        "at the row's batch size. *predicted*: the recipe's own prediction from its latency "
-        "tables; *measured*: this benchmark's timing; *recipe's own*: the speedup the recipe "
+        "at the row's batch size. *predicted*: the recipe's own prediction for the round it "
+        "kept, from its latency tables, corrected (from the second round on) by the ratio "
+        "measured / predicted of the round before; *measured*: this benchmark's timing; *recipe's own*: the speedup the recipe "
         "measured itself before writing the model (the two differ by the machine's noise). *met*: measured >= target. No fine-tuning. Zoo models: calibration on the "
         "bundled 512 Fashion-MNIST training images, accuracy on "
         + (", ".join(data) or "Fashion-MNIST") + ". ImageNet-shaped models "

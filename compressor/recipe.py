@@ -8,7 +8,10 @@ cannot prune a layer, say) leaves the rest to the stages after it. With ``--quan
 and a speed target, the int8 stage's own gain is measured first on the original and the method
 stages aim for the rest.
 
-After the stages, the compressed model is timed against the original side by side. If it is
+After the stages, the compressed model is timed against the original side by side. A round's
+prediction is its stages' (their latency tables), corrected by what the round before measured
+against what it predicted: per-layer timings miss whole-model effects (fusions, memory traffic
+between layers) in a way that stays much the same from round to round of one model. If it is
 slower (or not faster by ``MIN_GAIN``, the timing's noise margin), the changed layers that gain least time per unit of output error are rolled back
 (``exclude``) and the recipe runs again; if it misses the target, or passes it by more than
 ``OVERSHOOT``, another round runs with the stages' goal corrected by the measured ratio. Of the
@@ -112,10 +115,16 @@ class SpeedReport:
     provider: str
     original_ms: float
     compressed_ms: float
-    predicted: float | None  # speedup the passes predicted from their latency tables
+    # The speedup predicted before this round was measured: the passes' latency tables'
+    # (``table_predicted``), times the ratio measured / table-predicted of the round before,
+    # when there was one (the whole-model effects per-layer timings miss, learnt on this model).
+    predicted: float | None
     rounds: int = 1
     rolled_back: list[str] = field(default_factory=list)
     fell_back_to_original: bool = False
+    table_predicted: float | None = None  # the passes' own prediction, uncorrected
+    # every round so far: {"round", "table_predicted", "predicted", "measured"}
+    history: list[dict] = field(default_factory=list)
 
     @property
     def measured(self) -> float:
@@ -323,6 +332,8 @@ class Recipe:
         exclude: frozenset[str] = frozenset()
         best: tuple | None = None  # (measured, model, results, stages, speed, pass reprs)
         scale = 1.0
+        table_error = None  # measured / table-predicted of the last round
+        history: list[dict] = []
         for round_ in range(1, MAX_ROUNDS + 1):
             self.progress("recipe rounds", round_ - 1, MAX_ROUNDS)
             round_goal = None if goal is None else goal * scale
@@ -330,9 +341,18 @@ class Recipe:
             model, results, stages = self._stages(original, exclude, round_goal, notes)
             compressed = _serialize(model, self.max_ir_version)
             t_orig, t_new = self._measure(original, compressed, feeds)
-            predicted = _predicted(stages, gain)
+            table_predicted = _predicted(stages, gain)
+            predicted = table_predicted
+            if predicted is not None and table_error is not None:
+                predicted *= table_error
             speed = SpeedReport(opts.speedup, opts.batch, opts.threads, opts.provider, t_orig,
-                                t_new, predicted, round_, sorted(exclude))
+                                t_new, predicted, round_, sorted(exclude),
+                                table_predicted=table_predicted)
+            history.append(dict(round=round_, table_predicted=table_predicted,
+                                predicted=predicted, measured=speed.measured))
+            speed.history = list(history)
+            if table_predicted:
+                table_error = speed.measured / table_predicted
             if best is None or _better(speed, best[4]):
                 best = (speed.measured, model, results, stages, speed, self._pass_reprs)
             if speed.measured < MIN_GAIN:
@@ -371,7 +391,7 @@ class Recipe:
                          f"{measured:.2f}x): wrote the cleaned original instead")
             model, results, stages, reprs = _copy(original), [], [], []
             speed = dataclasses.replace(speed, compressed_ms=speed.original_ms, predicted=1.0,
-                                        fell_back_to_original=True)
+                                        table_predicted=1.0, fell_back_to_original=True)
         if speed.met is False:
             notes.append(f"--speedup {opts.speedup:g} not met: measured {speed.measured:.2f}x")
         return RecipeResult(model, results, stages, notes, speed, reprs)

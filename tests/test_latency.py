@@ -262,31 +262,40 @@ def test_compare_times_side_by_side_and_never_caches(cache_path):
     assert set(table.compare({"a": _gemm_model()}, {"x": x}, min_time_s=0.0)) == {"a"}
 
 
-def test_time_all_measures_the_misses_side_by_side_and_caches_each(cache_path, monkeypatch):
+def test_time_all_times_each_candidate_beside_the_reference_and_caches_each(cache_path,
+                                                                           monkeypatch):
+    """The reference alone, then each uncached candidate side by side with it, scaled by the
+    reference's own time: a candidate measured at 3x the reference beside it is 3x the
+    reference's single timing, whatever both measured side by side."""
     table = LatencyTable(cache=LatencyCache(cache_path), min_time_s=0.01)
-    small, large = _gemm_model(outputs=4), _gemm_model(outputs=512)
-    first = table.time(small)  # cached: time_all takes it from the cache
+    reference, small, large = _gemm_model(outputs=64), _gemm_model(outputs=4), _gemm_model(outputs=512)
+    cached_small = table.time(small)
+    monkeypatch.setattr(LatencyTable, "measure", lambda self, proto, min_time_s: 2.0)
     calls = []
-    real = LatencyTable._median
 
     def median(self, models, feeds, min_time_s):
         calls.append((len(models), min_time_s))
-        return real(self, models, feeds, min_time_s)
+        return {"0": 10.0, "1": 30.0}  # side by side: the candidate 3x the reference
 
     monkeypatch.setattr(LatencyTable, "_median", median)
-    mid = _gemm_model(outputs=64)
-    times = table.time_all([small, mid, large])
-    assert times[0] == first and all(np.isfinite(t) and t > 0 for t in times)
-    assert calls == [(2, pytest.approx(0.02))]  # the two misses, in one side-by-side timing
+    import compressor.latency as module
+
+    monkeypatch.setattr(module, "_TABLE_MEASURE", LatencyTable.measure)  # not a test's measure
+    times = table.time_all([reference, small, large])
+    assert times == [2.0, cached_small, pytest.approx(6.0)]
+    assert calls == [(2, pytest.approx(0.02))]  # only the uncached candidate, beside the reference
     assert (table.hits, table.misses) == (1, 3)
     again = LatencyTable(cache=LatencyCache(cache_path))
-    assert again.time_all([large, mid]) == [times[2], times[1]] and again.hits == 2
+    assert again.time_all([reference, large]) == [2.0, pytest.approx(6.0)] and again.hits == 2
 
 
-def test_time_all_goes_through_a_substituted_measure(cache_path):
-    table = CountingTable(cache=LatencyCache(cache_path), min_time_s=0.2)
-    assert table.time_all([_gemm_model(outputs=3), _gemm_model(outputs=5)]) == [2.5, 2.5]
-    assert table.measured == [pytest.approx(0.2), pytest.approx(0.2)]
+def test_time_all_runs_for_real_and_goes_through_a_substituted_measure(cache_path):
+    table = LatencyTable(cache=LatencyCache(cache_path), min_time_s=0.01)
+    times = table.time_all([_gemm_model(outputs=8), _gemm_model(outputs=256)])
+    assert all(np.isfinite(t) and t > 0 for t in times)
+    counting = CountingTable(cache=LatencyCache(cache_path.with_name("other.json")), min_time_s=0.2)
+    assert counting.time_all([_gemm_model(outputs=3), _gemm_model(outputs=5)]) == [2.5, 2.5]
+    assert counting.measured == [pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.2)]
 
 
 # ----------------------------------------------------------------------------- candidates

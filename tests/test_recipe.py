@@ -6,6 +6,8 @@ recipe decides is deterministic; the real LatencyTable has its own tests.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
@@ -213,3 +215,13 @@ def test_overshoot_is_corrected_and_the_closest_round_above_the_target_wins(
     assert asked, result.notes
     assert result.speed.met and result.speed.rounds >= 2
     assert result.speed.measured < 1.6 * 2  # not the first round's overshoot
+    # each round's prediction: its tables', corrected by what the round before measured
+    # against its tables
+    history = result.speed.history
+    assert [h["round"] for h in history] == list(range(1, len(history) + 1))
+    assert history[0]["predicted"] == history[0]["table_predicted"]
+    for before, after in itertools.pairwise(history):
+        correction = before["measured"] / before["table_predicted"]
+        assert after["predicted"] == pytest.approx(after["table_predicted"] * correction)
+    kept = history[result.speed.rounds - 1]
+    assert result.speed.predicted == kept["predicted"]
