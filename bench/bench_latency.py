@@ -377,20 +377,29 @@ def verdict_lines(rows: list[dict]) -> list[str]:
                  f"**{'met' if all_met else 'NOT met'}**. Best within 1 point: "
                  + "; ".join(parts) + ".")
 
-    # 2. no setting ever slower than the original
-    slower = sorted((r for r in ours if r["measured"] < 1.0), key=lambda r: r["measured"])
-    worst = min(ours, key=lambda r: r["measured"], default=None)
+    # 2. no setting ever slower than the original. A row whose recipe wrote the cleaned
+    # original (no round was faster by its margin) is the original graph: its ratio is the
+    # timing's noise, listed apart, not a slower model.
+    original = [r for r in ours if r.get("fell_back_to_original")]
+    compressed = [r for r in ours if not r.get("fell_back_to_original")]
+    slower = sorted((r for r in compressed if r["measured"] < 1.0), key=lambda r: r["measured"])
+    worst = min(compressed, key=lambda r: r["measured"], default=None)
     if worst is None:
         lines.append("2. No setting slower than the original: no rows.")
     else:
         text = (f"2. No setting slower than the original: **{'NOT met' if slower else 'met'}**"
-                f" ({len(slower)} of {len(ours)} rows below 1.00x; slowest "
+                f" ({len(slower)} of {len(compressed)} compressed rows below 1.00x; slowest "
                 f"{worst['measured']:.2f}x, {worst['model']} {worst['recipe']} batch "
                 f"{worst['batch']} --speedup {worst['target']:g})")
         if slower:
             text += ": " + ", ".join(f"{r['model']} {r['recipe']} b{r['batch']} "
                                      f"@{r['target']:g} {r['measured']:.2f}x"
                                      for r in slower[:8])
+        if original:
+            text += (f"; {len(original)} rows wrote the cleaned original (no round measured "
+                     f"faster by the recipe's margin), timed at "
+                     + ", ".join(f"{r['measured']:.2f}x" for r in original)
+                     + " (the timing's noise on one graph)")
         lines.append(text + ".")
 
     # 3. measured within 15% of predicted
