@@ -93,4 +93,4 @@ def test_failed_rows_are_shown_and_left_out_of_the_verdicts():
                                   "error": "PassError: boom"}]
     text = bench_latency.markdown(rows)
     assert "failed: PassError: boom" in text and "1 rows failed" in text
-    assert "0 of 5 rows below 1.00x" in text
+    assert "0 of 5 compressed rows below 1.00x" in text
