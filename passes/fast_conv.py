@@ -40,6 +40,7 @@ from onnx import helper
 
 from compressor import runtime
 from compressor.errors import OptionError
+from compressor.latency import FUSED_ACTIVATIONS
 from compressor.passes.base import LayerRecord, Pass, PassConfig, PassResult
 from compressor.passes.diffconv import CalibrationSource, ConvGeometry, _eligibility
 from compressor.profile import register_mac_counter
@@ -319,6 +320,45 @@ def following_pool(node: ir.Node, activation: ir.Node | None) -> ir.Node | None:
     return pool
 
 
+def conv_neighbours(node: ir.Node, last: ir.Node) -> tuple[bool, bool]:
+    """Whether the layer ``node`` reads a Conv's output (directly or through the activation
+    fused into that Conv) and whether the chain it ends in (``last``: the node itself, its
+    activation or its pool) feeds only a Conv. Between two Convs onnxruntime keeps MLAS's
+    blocked NCHWc layout; a custom op there costs a reorder on each side, which a candidate
+    timed alone would not show."""
+    producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if (producer is not None and producer.op_type in FUSED_ACTIVATIONS
+            and producer.inputs[0] is not None):
+        producer = producer.inputs[0].producer()
+    before = producer is not None and producer.op_type == "Conv" and producer.domain in ("", "ai.onnx")
+    out = last.outputs[0]
+    users = [] if out.is_graph_output() else list(out.uses())
+    after = (len(users) == 1 and users[0].node.op_type == "Conv"
+             and users[0].node.domain in ("", "ai.onnx"))
+    return before, after
+
+
+def in_context(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], out: str,
+               channels: int, filters: int, before: bool, after: bool,
+               ) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray], str, str]:
+    """A candidate's nodes between 1x1 Convs standing for its Conv neighbours (``before``:
+    producing its input x from ``x0``; ``after``: reading its output), filler weights: the
+    layout changes a custom op costs between Convs are timed with it. Returns the nodes, the
+    initializers, the model's input name and its output name."""
+    nodes, inits, source = list(nodes), dict(inits), "x"
+    if before:
+        nodes.insert(0, helper.make_node("Conv", ["x0", "context_w0"], ["x"], name="context_before",
+                                         kernel_shape=[1, 1]))
+        inits["context_w0"] = np.full((channels, channels, 1, 1), 0.01, np.float32)
+        source = "x0"
+    if after:
+        nodes.append(helper.make_node("Conv", [out, "context_w1"], ["context_y"],
+                                      name="context_after", kernel_shape=[1, 1]))
+        inits["context_w1"] = np.full((filters, filters, 1, 1), 0.01, np.float32)
+        out = "context_y"
+    return nodes, inits, source, out
+
+
 def _layer_nodes(algorithm: str, geometry: ConvGeometry, has_bias: bool, activation,
                  kernel: tuple[int, int] = (3, 3), pool: ir.Node | None = None,
                  ) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray], str]:
@@ -450,17 +490,20 @@ class FastConvPass(Pass):
         opsets = [helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_DOMAIN_VERSION)]
         fused = fused_activation(node)
         pool = following_pool(node, fused) if "direct" in candidates else None
+        before, after = conv_neighbours(node, pool or fused or node)
 
         # Time every algorithm as it will run (with the activation ORT fuses into its Conv,
         # and the MaxPool after it where DirectConv could take it in). Side by side
         # (time_all): the choice and the prediction are ratios between them.
+        # Between Conv neighbours, 1x1 Convs stand for them (in_context).
         protos = []
         for algorithm in ("conv", *candidates):
             nodes, inits, out = _layer_nodes(algorithm, geometry, has_bias, fused, kernel, pool)
             inits.update({"w": filler(weight.shape)})
             if has_bias:
                 inits["b"] = filler((m,))
-            protos.append(candidate_model(nodes, {"x": ((table.context.batch, *chw), np.float32)},
+            nodes, inits, source, out = in_context(nodes, inits, out, chw[0], m, before, after)
+            protos.append(candidate_model(nodes, {source: ((table.context.batch, *chw), np.float32)},
                                           {out: (None, np.float32)}, inits, opsets))
         times = dict(zip(("conv", *candidates), table.time_all(protos), strict=True))
 

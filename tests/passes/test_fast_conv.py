@@ -30,6 +30,8 @@ from compressor.profile import profile_model
 
 def _algorithm(proto: onnx.ModelProto) -> str:
     for node in proto.graph.node:
+        if node.name.startswith("context_"):  # the 1x1 Convs standing for its neighbours
+            continue
         if node.op_type == IM2COL_OP_TYPE:
             return "im2col"
         if node.op_type == FFT_OP_TYPE:
@@ -60,16 +62,19 @@ class FakeLatency(LatencyTable):
         self.whole_ms = whole_ms
         self.timed: list[tuple[int, str, tuple]] = []
         self.pooled: dict[tuple[int, str], bool] = {}  # whether the candidate ends in a MaxPool
+        self.neighbours: dict[tuple[int, str], tuple[str, ...]] = {}  # their stand-ins
         self.wholes = 0
 
     def measure(self, proto: onnx.ModelProto, min_time_s: float) -> float:
-        if len(proto.graph.node) > 2 and proto.graph.node[-1].op_type != "MaxPool":
+        nodes = [n for n in proto.graph.node if not n.name.startswith("context_")]
+        if len(nodes) > 2 and nodes[-1].op_type != "MaxPool":
             self.wholes += 1
             return self.whole_ms
         dims = tuple(d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim)
         key = (_channels(proto), _algorithm(proto))
         self.timed.append((*key, dims))
-        self.pooled[key] = proto.graph.node[-1].op_type == "MaxPool"
+        self.pooled[key] = nodes[-1].op_type == "MaxPool"
+        self.neighbours[key] = tuple(n.name for n in proto.graph.node if n.name.startswith("context_"))
         return self.times[key]
 
 
@@ -435,6 +440,12 @@ def test_direct_is_kept_only_where_fastest_and_takes_the_relu_in(direct_ms):
                             (6, "conv"): False, (6, "fft"): False, (6, "direct"): False,
                             (16, "conv"): False, (16, "winograd2"): False,
                             (16, "winograd4"): False, (16, "direct"): False}
+    # between Conv neighbours, 1x1 Convs stand for them: c1 feeds c2 (through its pool), c2
+    # feeds c3 (through its Relu), c3 reads c2's Relu (a Conv's, unless c2 became DirectConv
+    # before c3 was timed) and is a graph output
+    assert table.neighbours[(1, "conv")] == ("context_after",)
+    assert table.neighbours[(6, "direct")] == ("context_after",)
+    assert table.neighbours[(16, "direct")] == (() if direct_ms < 1.0 else ("context_before",))
     # the prediction: the whole model's 100 ms, less what the replaced layers saved
     if direct_ms < 1.0:
         assert table.wholes == 1
@@ -457,3 +468,16 @@ def test_direct_is_not_timed_on_cuda():
     assert timed_algorithms(DEFAULT_ALGORITHMS, w5, "cpu") == ("fft", "direct")
     assert timed_algorithms(DEFAULT_ALGORITHMS, w5, "cuda") == ("fft",)
     assert timed_algorithms(DEFAULT_ALGORITHMS, w3, "cuda") == ("winograd2", "winograd4")
+
+
+def test_conv_neighbours_follow_the_graph():
+    """c0 (graph input; its Relu feeds the stride-2 Conv) has a Conv after it; c5 (reads the
+    dilated Conv; feeds GlobalAveragePool) has one before it; k1 sits between two Convs."""
+    from compressor.latency import fused_activation
+    from compressor.passes.fast_conv import conv_neighbours
+
+    model = ir.serde.deserialize_model(conv_net(np.random.default_rng(11)))
+    nodes = {n.name: n for n in model.graph}
+    found = {name: conv_neighbours(nodes[name], fused_activation(nodes[name]) or nodes[name])
+             for name in ("c0", "k1", "c5")}
+    assert found == {"c0": (False, True), "k1": (True, True), "c5": (True, False)}
