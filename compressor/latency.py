@@ -409,7 +409,7 @@ class LatencyTable:
     def measure_all(self, protos: Sequence[onnx.ModelProto], min_time_s: float) -> list[float]:
         """Time ``protos`` now, side by side (no cache). A table whose ``measure`` is
         substituted (tests) measures each through it instead."""
-        if type(self).measure is not _TABLE_MEASURE or len(protos) == 1:
+        if type(self).measure is not _TABLE_MEASURE:
             return [self.measure(p, min_time_s / len(protos)) for p in protos]
         times = self._median({str(i): p for i, p in enumerate(protos)}, None, min_time_s)
         return [times[str(i)] for i in range(len(protos))]
@@ -532,18 +532,23 @@ def filler(shape: Sequence[int], dtype=np.float32) -> np.ndarray:
     return np.resize(_FILLER, tuple(int(d) for d in shape)).astype(dtype, copy=False)
 
 
+def sole_user(value: ir.Value) -> ir.Node | None:
+    """The one node reading ``value``, when it is not also a graph output; else None."""
+    if value.is_graph_output():
+        return None
+    users = list(value.uses())
+    return users[0].node if len(users) == 1 else None
+
+
 def fused_activation(node: ir.Node) -> ir.Node | None:
     """The element-wise op after ``node`` that onnxruntime fuses with it (Relu, Clip, ...)
     when it is the only user of ``node``'s output and its other inputs are constants."""
     if len(node.outputs) != 1:
         return None
     out = node.outputs[0]
-    if out.is_graph_output():
+    user = sole_user(out)
+    if user is None:
         return None
-    users = list(out.uses())
-    if len(users) != 1:
-        return None
-    user = users[0].node
     if user.domain not in ("", "ai.onnx") or user.op_type not in FUSED_ACTIVATIONS:
         return None
     if user.inputs[0] is not out:

@@ -12,8 +12,8 @@ After the stages, the compressed model is timed against the original side by sid
 prediction is its stages' (their latency tables), corrected by what the round before measured
 against what it predicted: per-layer timings miss whole-model effects (fusions, memory traffic
 between layers) in a way that stays much the same from round to round of one model. If it is
-slower (or not faster by ``MIN_GAIN``, the timing's noise margin), the changed layers that gain least time per unit of output error are rolled back
-(``exclude``) and the recipe runs again; if it misses the target, or passes it by more than
+slower (or not faster by ``MIN_GAIN``, the timing's noise margin), the changed layers that gain
+least time per unit of output error are rolled back (``exclude``) and the recipe runs again; if it misses the target, or passes it by more than
 ``OVERSHOOT``, another round runs with the stages' goal corrected by the measured ratio. Of the
 rounds, one that meets the target closest wins (least compressed), else the fastest.
 """
