@@ -64,6 +64,22 @@ inline bool ReferenceStagesFromEnvironment(const char* name) {
   throw OpError(std::string(name) + " must be 0 or 1, got '" + value + "'");
 }
 
+// Which of `choices` the environment variable `name` (a kernel's forced path or schedule, for
+// tests and benchmarks) names: unset or "" is choices[0] (the kernel's own choice); anything
+// else not listed throws OpError. Returns the index.
+inline size_t ChoiceFromEnvironment(const char* name, const std::vector<std::string>& choices) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || std::strcmp(value, "") == 0) return 0;
+  for (size_t i = 0; i < choices.size(); ++i) {
+    if (choices[i] == value) return i;
+  }
+  std::string listed;
+  for (size_t i = 0; i < choices.size(); ++i) {
+    listed += (i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + choices[i];
+  }
+  throw OpError(std::string(name) + " must be " + listed + ", got '" + value + "'");
+}
+
 // A weight input a kernel prepares once, at session creation (packed, transformed): its data
 // and shape when input `index` is a constant 4-D float tensor with no empty dimension, else
 // data == nullptr (the kernel then prepares the weight at every call).

@@ -61,15 +61,8 @@ enum class Path { kAuto, kConv, kDense, kSparse };
 // COMPRESSOR_DIFFCONV_PATH=auto|conv|dense|sparse forces a path (tests and benchmarks); read
 // when a session creates the kernel. "conv" is the exact path: at threshold > 0 it means dense.
 Path PathFromEnvironment() {
-  const char* value = std::getenv("COMPRESSOR_DIFFCONV_PATH");
-  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) {
-    return Path::kAuto;
-  }
-  if (std::strcmp(value, "conv") == 0) return Path::kConv;
-  if (std::strcmp(value, "dense") == 0) return Path::kDense;
-  if (std::strcmp(value, "sparse") == 0) return Path::kSparse;
-  throw OpError(std::string("COMPRESSOR_DIFFCONV_PATH must be auto, conv, dense or sparse, got '") +
-                value + "'");
+  return static_cast<Path>(
+      ChoiceFromEnvironment("COMPRESSOR_DIFFCONV_PATH", {"auto", "conv", "dense", "sparse"}));
 }
 
 // Kernel entries per sparse-product pass for a tile of NV vectors: G * NV accumulators.

@@ -5,7 +5,6 @@
 // store adding the bias and the fused ReLU. Units run on ORT's intra-op thread pool (inline
 // for small calls: RunInline). A constant weight is packed once, at session creation.
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -26,34 +25,30 @@ constexpr int64_t kImageBytes = 512 * 1024;
 constexpr int64_t kBufferBytes = 256 * 1024;
 
 // Weights as the kernels read them: the channel tiles' PackWeights, and for the row kernel
-// the filters as they are (stride 1: EntryOrder is plain (kh, kw) order, so W[m, c] is
-// filter m's entries for channel c).
+// W itself (stride 1: EntryOrder is plain (kh, kw) order, so W[m, c] is filter m's entries for
+// channel c), read where it is: the session's constant, or the call's input.
 struct PackedWeights {
   std::vector<int64_t> shape;  // [M, C, kH, kW]; empty: nothing packed
-  std::vector<float> tiles, by_filter;
+  std::vector<float> tiles;
+  const float* by_filter = nullptr;
 
   static PackedWeights Make(const float* w, const std::vector<int64_t>& shape) {
     PackedWeights p;
     p.shape = shape;
     const EntryOrder order = EntryOrder::Make(shape[2], shape[3], 1, 1, 1, 1);
     p.tiles = PackWeights(w, shape[0], shape[1], shape[2], shape[3], order);
-    p.by_filter.assign(w, w + shape[0] * shape[1] * shape[2] * shape[3]);
+    p.by_filter = w;
     return p;
   }
 };
 
 // Which kernel computes a call: UseRowKernel's choice, or the one
-// COMPRESSOR_DIRECT_CONV_KERNEL names ("rows", "tiles"; "" or "auto": the choice), so tests
-// run both kernels on every shape.
+// COMPRESSOR_DIRECT_CONV_KERNEL names (rows, tiles), so tests run both kernels on every shape.
 enum class KernelChoice { kAuto, kRows, kTiles };
 
 KernelChoice KernelFromEnvironment() {
-  const char* value = std::getenv("COMPRESSOR_DIRECT_CONV_KERNEL");
-  const std::string v = value == nullptr ? "" : value;
-  if (v.empty() || v == "auto") return KernelChoice::kAuto;
-  if (v == "rows") return KernelChoice::kRows;
-  if (v == "tiles") return KernelChoice::kTiles;
-  throw OpError("COMPRESSOR_DIRECT_CONV_KERNEL must be auto, rows or tiles, got '" + v + "'");
+  return static_cast<KernelChoice>(
+      ChoiceFromEnvironment("COMPRESSOR_DIRECT_CONV_KERNEL", {"auto", "rows", "tiles"}));
 }
 
 // Y's rows [pr0, pr0 + rows / 2) of one channel from `rows` (even) unpooled rows of width OW
@@ -240,7 +235,7 @@ class DirectConvCpuKernel {
       for (int64_t m0 = 0; m0 < g.M; m0 += widest) {
         const int group = static_cast<int>(std::min<int64_t>(widest, g.M - m0));
         const float* weights[kRowFilters];
-        for (int f = 0; f < group; ++f) weights[f] = packed.by_filter.data() + (m0 + f) * g.C * E;
+        for (int f = 0; f < group; ++f) weights[f] = packed.by_filter + (m0 + f) * g.C * E;
         RunRows(RowCall{phase_image, positions, layout.ChannelStride(), entry.offset.data(), E,
                         weights, channels.data(), g.C, buffer, stride, group});
         for (int f = 0; f < group; ++f) {

@@ -310,14 +310,8 @@ enum class Schedule { kAuto, kFused, kByTuple };
 // COMPRESSOR_WINOGRAD_SCHEDULE=auto|fused|tuple forces a schedule (tests and benchmarks); read
 // when a session creates the kernel.
 Schedule ScheduleFromEnvironment() {
-  const char* value = std::getenv("COMPRESSOR_WINOGRAD_SCHEDULE");
-  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "auto") == 0) {
-    return Schedule::kAuto;
-  }
-  if (std::strcmp(value, "fused") == 0) return Schedule::kFused;
-  if (std::strcmp(value, "tuple") == 0) return Schedule::kByTuple;
-  throw OpError(std::string("COMPRESSOR_WINOGRAD_SCHEDULE must be auto, fused or tuple, got '") +
-                value + "'");
+  return static_cast<Schedule>(
+      ChoiceFromEnvironment("COMPRESSOR_WINOGRAD_SCHEDULE", {"auto", "fused", "tuple"}));
 }
 
 class WinogradConvCpuKernel {
