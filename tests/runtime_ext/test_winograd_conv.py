@@ -208,5 +208,6 @@ def test_bad_shapes_are_ort_errors_naming_the_op(x_shape, w_shape, bias_shape, m
 def test_bad_schedule_variable_is_an_error_naming_the_op(monkeypatch):
     monkeypatch.setenv("COMPRESSOR_WINOGRAD_SCHEDULE", "fastest")
     w = np.ones((3, 2, 3, 3), np.float32)
-    with pytest.raises(Exception, match="WinogradConv.*COMPRESSOR_WINOGRAD_SCHEDULE"):
+    with pytest.raises(Exception, match="WinogradConv.*COMPRESSOR_WINOGRAD_SCHEDULE") as info:
         run(conv_model("WinogradConv", [1, 2, 5, 5], w, None), {"X": np.zeros((1, 2, 5, 5), np.float32)})
+    assert "must be auto, fused or tuple, got 'fastest'" in str(info.value)
