@@ -80,7 +80,8 @@ def assert_within_bound(y, x, w, b, pads, tile):
 
 @pytest.fixture(params=["fast", "reference"])
 def stages(request, monkeypatch):
-    """COMPRESSOR_WINOGRAD_REFERENCE: the vectorised stages + OpenBLAS, or the plain references."""
+    """COMPRESSOR_WINOGRAD_REFERENCE: the vectorised stages + the packed-weight GEMM, or the
+    plain references."""
     monkeypatch.setenv("COMPRESSOR_WINOGRAD_REFERENCE", "1" if request.param == "reference" else "0")
     return request.param
 
@@ -131,12 +132,24 @@ def test_partial_tiles_and_one_pixel_maps(tile, size, schedule):
 
 @pytest.mark.parametrize("tile", [2, 4])
 def test_large_channels_and_batch_use_many_units(tile, schedule):
-    """Batch 5 x 64 channels at 40x33: fused units of 96+ tiles that span images (auto picks
-    fused here), or the by-tuple passes."""
+    """Batch 5 x 64 channels at 40x33: fused units that span images (auto picks fused here), or
+    the by-tuple passes; 72 filters leave a half-full last panel of the packed weights."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((5, 64, 40, 33)).astype(np.float32)
     w = rng.standard_normal((72, 64, 3, 3)).astype(np.float32) * 0.1
     assert_within_bound(winograd(x, w, None, (1, 0, 2, 1), tile), x, w, None, (1, 0, 2, 1), tile)
+
+
+def test_long_by_tuple_calls_run_in_chunks(monkeypatch):
+    """512 channels at 56x56, batch 3, by tuple: V and P of the whole call (87 MB) exceed the
+    64 MB a chunk may hold, so the call runs as two chunks of tile rows, the second starting
+    inside an image."""
+    monkeypatch.setenv("COMPRESSOR_WINOGRAD_SCHEDULE", "tuple")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 512, 56, 56)).astype(np.float32)
+    w = (rng.standard_normal((512, 512, 3, 3)) / 48).astype(np.float32)
+    b = rng.standard_normal(512).astype(np.float32)
+    assert_within_bound(winograd(x, w, b, (1, 1, 1, 1), 4), x, w, b, (1, 1, 1, 1), 4)
 
 
 @pytest.mark.parametrize("tile", [2, 4])

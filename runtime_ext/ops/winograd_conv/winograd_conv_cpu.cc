@@ -2,12 +2,14 @@
 // plain reference each (COMPRESSOR_WINOGRAD_REFERENCE=1 runs the references):
 //   1. input transform:  the unit's input rows, copied channel-last and zero-padded, give
 //      V[xi][t][c] = (B^T d B)[xi] for every alpha x alpha patch d (16 channels per vector);
-//   2. tuple-wise GEMM:  alpha^2 products V[xi] [tiles x C] @ U[xi] [C x M] through our
-//      single-threaded OpenBLAS wrapper (common/gemm.h), one unit per ORT pool thread;
+//   2. tuple-wise GEMM:  alpha^2 products V[xi] [tiles x C] @ U[xi] [C x M] by the packed-B
+//      micro-kernel of common/gemm.h (SgemmPacked), U[xi] packed with the weight transform;
 //   3. output transform: Y = A^T M A (+ bias) per tile and output channel, partial tiles cut.
 // Work is split into units of consecutive tile rows (across images, so small maps still give
-// the GEMMs enough rows), run on ORT's intra-op thread pool (inline for small calls, as the
-// other conv kernels: RunInline). The weights are transformed once, in double, when the
+// the GEMMs enough rows) that run the three stages in L2 (fused), or, where U is too large to
+// stay in the caches or the call too small to share, into the stages over chunks of the call
+// (by tuple); on ORT's intra-op thread pool (inline for small calls, as the other conv
+// kernels: RunInline). The weights are transformed and packed once, in double, when the
 // session creates the kernel (a constant W), else per call.
 #include <algorithm>
 #include <cstdlib>
@@ -80,6 +82,18 @@ std::vector<float> TransformWeights(const float* w, int64_t M, int64_t C, int64_
     }
   }
   return U;
+}
+
+// U [alpha^2][C][M] with each xi's C x M matrix packed into the GEMM's column panels
+// (common/gemm.h: PackB), what the tuple-wise GEMM reads.
+std::vector<float> TransformAndPackWeights(const float* w, int64_t M, int64_t C, int64_t m) {
+  const int64_t alpha2 = (m + 2) * (m + 2), packed = PackedSize(C, M);
+  const std::vector<float> U = TransformWeights(w, M, C, m);
+  std::vector<float> out(static_cast<size_t>(alpha2 * packed));
+  for (int64_t xi = 0; xi < alpha2; ++xi) {
+    PackB(U.data() + xi * C * M, M, C, M, out.data() + xi * packed);
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -164,7 +178,8 @@ void InputTransformReference(int64_t m, const InputCall& call) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Stage 2: tuple-wise GEMM. P[xi] [T x M] (ld Kp) = V[xi] [T x C] (ld Cp) @ U[xi] [C x M].
+// Stage 2: tuple-wise GEMM. P[xi] [T x M] (ld Kp) = V[xi] [T x C] (ld Cp) @ U[xi] [C x M],
+// U[xi] packed (TransformAndPackWeights), by the packed-B micro-kernel of common/gemm.h.
 
 struct GemmCall {
   int64_t alpha2, T, C, M, Cp, Kp;
@@ -174,10 +189,10 @@ struct GemmCall {
 };
 
 void TupleGemm(const GemmCall& call) {
+  const int64_t packed = PackedSize(call.C, call.M);
   for (int64_t xi = 0; xi < call.alpha2; ++xi) {
-    Sgemm(static_cast<int>(call.T), static_cast<int>(call.M), static_cast<int>(call.C),
-          call.V + xi * call.T * call.Cp, static_cast<int>(call.Cp), call.U + xi * call.C * call.M,
-          static_cast<int>(call.M), call.P + xi * call.T * call.Kp, static_cast<int>(call.Kp));
+    SgemmPacked(call.T, call.M, call.C, call.V + xi * call.T * call.Cp, call.Cp,
+                call.U + xi * packed, call.P + xi * call.T * call.Kp, call.Kp);
   }
 }
 
@@ -185,12 +200,14 @@ void TupleGemm(const GemmCall& call) {
 void TupleGemmReference(const GemmCall& call) {
   for (int64_t xi = 0; xi < call.alpha2; ++xi) {
     const float* V = call.V + xi * call.T * call.Cp;
-    const float* U = call.U + xi * call.C * call.M;
+    const float* U = call.U + xi * PackedSize(call.C, call.M);
     float* P = call.P + xi * call.T * call.Kp;
     for (int64_t t = 0; t < call.T; ++t) {
       for (int64_t k = 0; k < call.M; ++k) {
         double s = 0;
-        for (int64_t c = 0; c < call.C; ++c) s += double(V[t * call.Cp + c]) * U[c * call.M + k];
+        for (int64_t c = 0; c < call.C; ++c) {
+          s += double(V[t * call.Cp + c]) * PackedAt(U, call.C, call.M, c, k);
+        }
         P[t * call.Kp + k] = static_cast<float>(s);
       }
     }
@@ -290,14 +307,20 @@ void OutputTransformReference(int64_t m, const OutputCall& call) {
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 
-// A unit's transformed input should stay in L2 (1 MiB here) ...
+// A unit's transformed input and products (V and P) should stay in L2 (1 MiB per core here) ...
 constexpr int64_t kUnitBytes = 1 << 20;
-// ... but give the GEMMs at least this many rows (tiles) where the call has them: at batch 16
-// (2 threads, loaded machine), 48 / 96 / 196 / 400 tiles ran F(4x4) at 1.11 / 1.38 / 1.32 /
-// 1.36x Conv's speed on 512 channels at 7x7, 1.36 / 1.64 / 1.42 / 1.49x on 256 at 14x14 and
-// 1.86 / 2.09 / 2.19 / 1.29x on 64 at 56x56 (OpenBLAS packs U[xi] once per GEMM call: more
-// rows amortise it, until V and P leave the caches).
-constexpr int64_t kMinUnitTiles = 96;
+// ... with at least this many tiles (rows of its GEMMs). The GEMM reads U[xi] packed once at
+// session creation, so a small unit costs no repacking (with OpenBLAS, which packed U[xi] on
+// every call, units needed 96 tiles and more).
+constexpr int64_t kMinUnitTiles = 16;
+// The fused schedule reads all of U once per unit: while U fits in this share of L3 (32 MiB
+// here) that is a cache read; beyond it (512 channels: 37.7 MB for F(4x4)) every unit streams
+// U from memory, and the by-tuple schedule, which reads U once per chunk of the call and V and
+// P twice, moves less (at 512 channels 7x7, batch 16: 2.3x Conv's speed by tuple, 1.8-2.0x
+// fused).
+constexpr int64_t kWeightCacheBytes = 8 << 20;
+// The by-tuple schedule holds V and P of this many bytes at most; longer calls run in chunks.
+constexpr int64_t kTupleChunkBytes = 64 << 20;
 
 struct Scratchpad {
   std::vector<float> buffer, V, P;
@@ -325,8 +348,8 @@ class WinogradConvCpuKernel {
     // A constant weight is transformed once, here (at session creation).
     const ConstantWeight weight = ConstantWeight::Read(api, info);
     if (weight.data != nullptr && weight.shape[2] == 3 && weight.shape[3] == 3) {
-      transformed_ = TransformWeights(weight.data, weight.shape[0], weight.shape[1],
-                                      attributes_.tile);
+      transformed_ = TransformAndPackWeights(weight.data, weight.shape[0], weight.shape[1],
+                                             attributes_.tile);
       transformed_shape_ = weight.shape;
     }
   }
@@ -347,7 +370,7 @@ class WinogradConvCpuKernel {
     std::vector<float> call_transformed;
     const float* U = transformed_.data();
     if (transformed_.empty() || transformed_shape_ != in.w_shape) {
-      call_transformed = TransformWeights(in.w, g.M, g.C, g.m);
+      call_transformed = TransformAndPackWeights(in.w, g.M, g.C, g.m);
       U = call_transformed.data();
     }
     Run(raw_context, g, in.x, U, in.bias, y.GetTensorMutableData<float>());
@@ -355,68 +378,83 @@ class WinogradConvCpuKernel {
 
   void Run(OrtKernelContext* context, const WinogradConvShape& g, const float* x, const float* U,
            const float* bias, float* y) const {
-    const int64_t Cp = RoundUp(g.C, kLanes);
+    const int64_t Cp = RoundUp(g.C, kLanes), Kp = RoundUp(g.M, kLanes);
     const int64_t total_rows = g.N * g.tiles_h;  // tile rows over the whole batch
     const int64_t total_tiles = total_rows * g.tiles_w;
-    const int64_t tile_bytes = g.alpha * g.alpha * (Cp + RoundUp(g.M, kLanes)) * 4;
+    const int64_t tile_bytes = g.alpha * g.alpha * (Cp + Kp) * 4;  // V and P of one tile
+    const int64_t weight_bytes = g.alpha * g.alpha * PackedSize(g.C, g.M) * 4;
     const bool inline_units = RunInline(g);
     OrtKernelContext* pool = inline_units ? nullptr : context;
     const int64_t threads = inline_units ? 1 : HardwareThreads();
-    const bool by_tuple = schedule_ == Schedule::kAuto
-                              ? total_tiles < 2 * threads * kMinUnitTiles
-                              : schedule_ == Schedule::kByTuple;
-    if (by_tuple) {
-      RunByTuple(pool, threads, g, x, U, bias, y);
-      return;
-    }
     // Tiles per unit: what fits kUnitBytes, at least kMinUnitTiles, and at most an even share
     // of the call over 2 units per thread.
     int64_t tiles = std::max(kMinUnitTiles, kUnitBytes / tile_bytes);
     tiles = std::min(tiles, (total_tiles + 2 * threads - 1) / (2 * threads));
+    // Then as many units as that gives, rounded up to a multiple of the threads (5 units on 2
+    // threads left one idle a third of the call), the tile rows shared out evenly.
     const int64_t rows_per_unit =
         std::clamp<int64_t>((tiles + g.tiles_w - 1) / g.tiles_w, 1, total_rows);
-    const int64_t units = (total_rows + rows_per_unit - 1) / rows_per_unit;
+    const int64_t units = std::min(
+        total_rows, RoundUp((total_rows + rows_per_unit - 1) / rows_per_unit, threads));
+    // By tuple where the fused units would leave threads idle, or where U does not stay in
+    // the caches and re-reading it per unit moves more than writing and reading V and P.
+    const bool weights_stream = weight_bytes > kWeightCacheBytes &&
+                                units * weight_bytes > 2 * total_tiles * tile_bytes + weight_bytes;
+    const bool by_tuple = schedule_ == Schedule::kAuto ? units < threads || weights_stream
+                                                       : schedule_ == Schedule::kByTuple;
+    if (by_tuple) {
+      const int64_t chunk_rows = std::clamp<int64_t>(
+          kTupleChunkBytes / std::max<int64_t>(1, tile_bytes * g.tiles_w), 1, total_rows);
+      for (int64_t r0 = 0; r0 < total_rows; r0 += chunk_rows) {
+        RunByTuple(pool, threads, g, r0, std::min(total_rows, r0 + chunk_rows), x, U, bias, y);
+      }
+      return;
+    }
     ParallelUnits(pool, static_cast<size_t>(units), [&](size_t i) {
-      const int64_t r0 = static_cast<int64_t>(i) * rows_per_unit;
-      RunUnit(g, r0, std::min(total_rows, r0 + rows_per_unit), x, U, bias, y);
+      int64_t r0, r1;
+      BlockRange(total_rows, units, static_cast<int64_t>(i), &r0, &r1);
+      RunUnit(g, r0, r1, x, U, bias, y);
     });
   }
 
-  // Few tiles (small batch and maps): three passes over the whole call, so that each GEMM
-  // U[xi] is packed once in all (units of a few tiles each repacked every U[xi]: 256 channels
-  // at 14x14, batch 1, ran 7x slower than Conv). 1. input transforms by blocks of tile rows,
-  // 2. one GEMM per xi, 3. output transforms by blocks of tile rows.
+  // The by-tuple schedule on tile rows [row0, row1) of the batch: three passes, so that each
+  // U[xi] is read once (where units would each stream all of U from memory, or leave threads
+  // idle): 1. input transforms by blocks of tile rows, 2. one GEMM per xi, 3. output
+  // transforms by blocks of tile rows.
   void RunByTuple(OrtKernelContext* pool, int64_t threads, const WinogradConvShape& g,
-                  const float* x, const float* U, const float* bias, float* y) const {
+                  int64_t row0, int64_t row1, const float* x, const float* U, const float* bias,
+                  float* y) const {
     const int64_t A = g.alpha, Cp = RoundUp(g.C, kLanes), Kp = RoundUp(g.M, kLanes);
-    const int64_t total_rows = g.N * g.tiles_h, T = total_rows * g.tiles_w;
-    std::vector<float> V(static_cast<size_t>(A * A * T * Cp)), P(static_cast<size_t>(A * A * T * Kp));
-    const int64_t blocks = std::min(total_rows, 2 * threads);
+    const int64_t rows = row1 - row0, T = rows * g.tiles_w;
+    thread_local Scratchpad call_scratch;  // the calling thread's: V and P of the chunk
+    float* const V = Scratch(call_scratch.V, static_cast<size_t>(A * A * T * Cp));
+    float* const P = Scratch(call_scratch.P, static_cast<size_t>(A * A * T * Kp));
+    const int64_t blocks = std::min(rows, 2 * threads);
     ParallelUnits(pool, static_cast<size_t>(blocks), [&](size_t i) {
       int64_t r0, r1;
-      BlockRange(total_rows, blocks, static_cast<int64_t>(i), &r0, &r1);
+      BlockRange(rows, blocks, static_cast<int64_t>(i), &r0, &r1);
       if (r0 == r1) return;
       thread_local Scratchpad s;
-      const int64_t cols = PrepareRows(g, r0, r1, x, s);
+      const int64_t cols = PrepareRows(g, row0 + r0, row0 + r1, x, s);
       const InputCall input{s.rows.data(), r1 - r0, g.tiles_w, cols, Cp,
-                            V.data() + r0 * g.tiles_w * Cp, T * Cp};
+                            V + r0 * g.tiles_w * Cp, T * Cp};
       reference_ ? InputTransformReference(g.m, input) : InputTransform(g.m, input);
     });
     ParallelUnits(pool, static_cast<size_t>(A * A), [&](size_t xi) {
-      const GemmCall gemm{1, T, g.C, g.M, Cp, Kp, V.data() + xi * T * Cp, U + xi * g.C * g.M,
-                          P.data() + xi * T * Kp};
+      const GemmCall gemm{1, T, g.C, g.M, Cp, Kp, V + xi * T * Cp, U + xi * PackedSize(g.C, g.M),
+                          P + xi * T * Kp};
       reference_ ? TupleGemmReference(gemm) : TupleGemm(gemm);
     });
     ParallelUnits(pool, static_cast<size_t>(blocks), [&](size_t i) {
       int64_t r0, r1;
-      BlockRange(total_rows, blocks, static_cast<int64_t>(i), &r0, &r1);
+      BlockRange(rows, blocks, static_cast<int64_t>(i), &r0, &r1);
       if (r0 == r1) return;
       std::vector<int64_t> image(static_cast<size_t>(r1 - r0)), tile_row(image.size());
       for (int64_t r = r0; r < r1; ++r) {
-        image[r - r0] = r / g.tiles_h;
-        tile_row[r - r0] = r % g.tiles_h;
+        image[r - r0] = (row0 + r) / g.tiles_h;
+        tile_row[r - r0] = (row0 + r) % g.tiles_h;
       }
-      const OutputCall output{P.data() + r0 * g.tiles_w * Kp, T * Kp, Kp, g.M, g.OH, g.OW,
+      const OutputCall output{P + r0 * g.tiles_w * Kp, T * Kp, Kp, g.M, g.OH, g.OW,
                               r1 - r0, g.tiles_w, image.data(), tile_row.data(), bias, y};
       reference_ ? OutputTransformReference(g.m, output) : OutputTransform(g.m, output);
     });
@@ -509,7 +547,7 @@ class WinogradConvCpuKernel {
   WinogradConvAttributes attributes_;
   bool reference_;
   Schedule schedule_;
-  std::vector<float> transformed_;  // U of a constant W
+  std::vector<float> transformed_;  // U of a constant W, packed
   std::vector<int64_t> transformed_shape_;
 };
 
