@@ -22,7 +22,9 @@ class Method:
     keywords: ``latency`` (the shared latency table) and ``exclude`` (names of layers to leave
     as they are: the recipe rolls layers back through it). ``chooses_by_latency``: besides,
     the passes take a speed target (``opts.speedup``) and choose per layer to meet it. Other
-    methods meet ``opts.ratio`` (MACs) only.
+    methods meet ``opts.ratio`` (MACs) only. ``speed_only``: the method changes nothing but
+    the speed (exact replacements), so a recipe of such methods alone is always measured
+    against the original and rolled back where it is not faster, with or without --speedup.
     """
 
     name: str
@@ -30,6 +32,7 @@ class Method:
     build: Callable[..., list[Pass]]
     chooses_by_latency: bool = False
     measures_latency: bool = False
+    speed_only: bool = False
 
     def __post_init__(self):
         if self.chooses_by_latency:
@@ -129,7 +132,7 @@ METHODS: dict[str, Method] = {
     "fast-conv": Method("fast-conv", "per layer, the fastest convolution algorithm by measured "
                         "latency (Winograd F(2x2)/F(4x4), FFT, direct with a fused Relu and "
                         "MaxPool: custom ops, runtime_ext) within --tolerance", _fast_conv,
-                        measures_latency=True),
+                        measures_latency=True, speed_only=True),
 }
 
 

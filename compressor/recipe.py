@@ -8,7 +8,8 @@ cannot prune a layer, say) leaves the rest to the stages after it. With ``--quan
 and a speed target, the int8 stage's own gain is measured first on the original and the method
 stages aim for the rest.
 
-After the stages, the compressed model is timed against the original side by side. A round's
+After the stages (with a speed target, int8, or a recipe of speed-only methods such as
+fast-conv), the compressed model is timed against the original side by side. A round's
 prediction is its stages' (their latency tables), corrected by what the round before measured
 against what it predicted: per-layer timings miss whole-model effects (fusions, memory traffic
 between layers) in a way that stays much the same from round to round of one model. If it is
@@ -312,7 +313,10 @@ class Recipe:
         opts = self.opts
         notes: list[str] = []
         self._pass_reprs: list[str] = []
-        if opts.speedup is None and opts.quantize is None:
+        # A recipe of speed-only methods (fast-conv) has nothing to show but its speed: it is
+        # measured and rolled back like a speed target's, so it never writes a slower model.
+        speed_only = all(METHODS[name].speed_only for name in self.methods)
+        if opts.speedup is None and opts.quantize is None and not speed_only:
             model, results, stages = self._stages(original, frozenset(), None, notes)
             return RecipeResult(model, results, stages, notes, None, self._pass_reprs)
 

@@ -55,6 +55,15 @@ def test_no_model_slower_is_met_only_when_every_model_is_at_least_as_fast():
     assert "not met (vgg slower)" in missed
 
 
+def test_a_model_that_kept_its_original_graph_is_not_counted_slower():
+    """fast-conv fell back to the original (the recipe measured no gain): the same graph timed
+    twice, 5.0 vs 5.1 ms, is noise, and the row says which graph was written."""
+    kept = dict(_whole("vgg", 5.0, 5.1), fell_back=True, recipe_measured=0.93, chosen={})
+    text = bench_fast_conv.render(_result([_whole("resnet18", 10, 8), kept]))
+    assert "no model slower than with ORT's Conv alone: met." in text
+    assert "the original, kept: no round measured faster by 1.05x (best 0.93x)" in text
+
+
 def test_table_marks_algorithms_that_do_not_apply():
     text = bench_fast_conv.render(_result([]))
     row = next(line for line in text.splitlines() if line.startswith("| t |"))

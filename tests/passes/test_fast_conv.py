@@ -352,9 +352,18 @@ def test_kernel_matches_the_float32_reference(tile):
     assert np.abs(y - exact).max() <= 4 * np.abs(approx - exact).max() + 1e-6
 
 
-def test_vgg_through_the_pipeline_equals_the_original(tmp_path, monkeypatch):
-    """The zoo's vgg (3x3 stride-1 convs) compressed with --method fast-conv, timing faked to
-    favour F(4x4): every 3x3 conv becomes WinogradConv and the outputs equal the original's."""
+def _whole_model_speed(monkeypatch, speedup: float) -> None:
+    """LatencyTable.compare (the recipe's whole-model check) reports the compressed model
+    ``speedup`` times faster than the original whenever it holds a custom op."""
+    def compare(self, models, feeds=None, *, min_time_s=1.0):
+        def custom(proto):
+            return any(n.domain == runtime.OP_DOMAIN for n in proto.graph.node)
+        return {name: 1.0 / speedup if custom(proto) else 1.0 for name, proto in models.items()}
+
+    monkeypatch.setattr(LatencyTable, "compare", compare)
+
+
+def _vgg_fast_conv(tmp_path, monkeypatch):
     from compressor.models import zoo
     from compressor.pipeline import CompressOptions
     from compressor.pipeline import compress as run_pipeline
@@ -364,9 +373,18 @@ def test_vgg_through_the_pipeline_equals_the_original(tmp_path, monkeypatch):
     monkeypatch.setattr(LatencyTable, "measure",
                         lambda self, proto, min_time_s: {"conv": 3.0, "winograd2": 2.0, "winograd4": 1.0,
                                                                  "direct": 4.0}[_algorithm(proto)])
-    result = run_pipeline(CompressOptions(
+    return run_pipeline(CompressOptions(
         model=checkpoint, arch="vgg", method="fast-conv", calib_samples=32, batch=16,
         data=str(zoo.DATA_DIR / "fashion_mnist_calib.npz"), output=tmp_path / "vgg.onnx"))
+
+
+def test_vgg_through_the_pipeline_equals_the_original(tmp_path, monkeypatch):
+    """The zoo's vgg (3x3 stride-1 convs) compressed with --method fast-conv, timing faked to
+    favour F(4x4) per layer and the whole model measured 1.5x faster: every 3x3 conv becomes
+    WinogradConv and the outputs equal the original's."""
+    _whole_model_speed(monkeypatch, 1.5)
+    result = _vgg_fast_conv(tmp_path, monkeypatch)
+    assert result.speed.measured == pytest.approx(1.5) and not result.speed.fell_back_to_original
     proto = onnx.load(str(result.output))
     onnx.checker.check_model(proto)
     kinds = [n.op_type for n in proto.graph.node if n.op_type in ("Conv", OP_TYPE)]
@@ -376,6 +394,19 @@ def test_vgg_through_the_pipeline_equals_the_original(tmp_path, monkeypatch):
     # the pipeline's own check: the compressed model against the original on calibration data
     assert result.verification.relative_error < 1e-4
     assert result.verification.agreement == 1.0
+
+
+def test_fast_conv_measured_slower_in_the_whole_model_writes_the_original(tmp_path, monkeypatch):
+    """Every layer faster on its own, the whole model measured slower (0.9x; custom ops break
+    ORT's fused layout chains): without any --speedup the layers are rolled back round by
+    round and the cleaned original is written, saying so."""
+    _whole_model_speed(monkeypatch, 0.9)
+    result = _vgg_fast_conv(tmp_path, monkeypatch)
+    assert result.speed.fell_back_to_original and result.speed.target is None
+    assert any("rolling back" in n for n in result.notes)
+    assert any("wrote the cleaned original" in n for n in result.notes)
+    proto = onnx.load(str(result.output))
+    assert not [n for n in proto.graph.node if n.domain == runtime.OP_DOMAIN]
 
 
 def lenet_like(rng) -> onnx.ModelProto:
