@@ -61,6 +61,7 @@ FFT_BATCHES = [1, 16, 64]
 # Large-kernel layers beside the zoo's: (C, M, map, kernel).
 FFT_EXTRA = [(64, 64, 56, 5), (64, 64, 56, 7), (32, 32, 56, 7), (16, 16, 112, 7), (64, 64, 56, 3)]
 TARGET = 1.3
+LOAD_NOTE = "2 cores: the benchmark itself loads them to about 2; above that other jobs shared them"
 
 
 def layer_model(c: int, m: int, h: int, w: int, pads, tile: int | str | None, seed: int = 0,
@@ -311,7 +312,7 @@ def render(result: dict) -> str:
         "`LatencyTable.compare` (side by side, alternating, spinning off, medians); speedup = "
         "Conv's ms / the algorithm's ms, `-` where it does not apply. Error: relative L2 vs a "
         f"float64 convolution. Load average at start / end: {result['load'][0]} / "
-        f"{result['load'][1]} (2 cores shared with other jobs: single ratios are noisy).",
+        f"{result['load'][1]} ({LOAD_NOTE}).",
         "",
         "| layer | C->M | map | k/s/g | " + " | ".join(
             f"b{b} {LABELS[a]}" + (" ms" if a == "conv" else "")
@@ -372,8 +373,8 @@ def render_fft(result: dict) -> str:
         "### FFTConv vs onnxruntime's Conv (stride 1, kernels > 3x3 and one 3x3 for comparison)",
         "",
         "Same timing and error as above; speedup = Conv's ms / FFTConv's ms (below 1: slower). "
-        f"Load average at start / end: {result['fft_load'][0]} / {result['fft_load'][1]} (2 cores "
-        "shared with 3 other engineers' jobs: noisy).",
+        f"Load average at start / end: {result['fft_load'][0]} / {result['fft_load'][1]} "
+        f"({LOAD_NOTE}).",
         "",
         "| layer | C->M | map | kernel | " + " | ".join(f"b{b} Conv ms | b{b} FFT" for b in batches)
         + " | err Conv | err FFT |",
