@@ -48,6 +48,7 @@ from common import SECTIONS, atomic_write, write_section  # noqa: E402
 from compressor import io, runtime  # noqa: E402
 from compressor.latency import LatencyCache, LatencyContext, LatencyTable  # noqa: E402
 from compressor.models import zoo  # noqa: E402
+from compressor.recipe import MIN_GAIN  # noqa: E402
 
 ZOO = ("lenet5", "vgg", "resnet20", "mobilenetv2")
 ARCHS = ("resnet18", "resnet50", "vgg16")  # bench/archs.py, torchvision's shapes, 224x224
@@ -346,7 +347,7 @@ def render(result: dict) -> str:
         ms = whole["ms"]
         chosen = ", ".join(f"{k} x{v}" for k, v in sorted(whole["chosen"].items()))
         if whole.get("fell_back"):
-            chosen = (f"the original, kept: no round measured faster by 1.05x (best "
+            chosen = (f"the original, kept: no round measured faster by {MIN_GAIN:g}x (best "
                       f"{whole['recipe_measured']:.2f}x)")
         lines.append(f"| {whole['model']} | {ms['original']:.1f} | {ms['fast-conv']:.1f} | "
                      f"{ms['original'] / ms['fast-conv']:.2f}x | {whole['cosine_min']:.8f} | "

@@ -1,5 +1,7 @@
 #include "common/gemm.h"
 
+#include "common/direct_conv.h"  // the shared vector type, loads and clone list
+
 #include <algorithm>
 #include <cstring>
 #include <mutex>
@@ -29,7 +31,7 @@ const char* GemmBackend() { return "OpenBLAS"; }
 #else
 
 // Portable blocked GEMM for builds without OpenBLAS: correct, several times slower.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+COMPRESSOR_CLONES
 void Sgemm(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C,
            int ldc, bool accumulate) {
   if (!accumulate) {
@@ -72,28 +74,23 @@ void PackB(const float* B, int64_t ldb, int64_t K, int64_t N, float* out) {
 
 namespace {
 
-typedef float Vec16 __attribute__((vector_size(64)));
+using direct_conv::Load16;
+using direct_conv::Store16;
+using direct_conv::Vec16;
 constexpr int kMaxRows = 12;  // rows per micro-tile: 12 x 2 accumulators of the 32 registers
-
-inline __attribute__((always_inline)) Vec16 LoadVec(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 // C[R x 16 NV] = A[R x K] @ panel[K x 16 NV], the accumulators in registers; `valid` columns
 // of C are written (a partial last vector lane by lane).
 template <int R, int NV>
-inline __attribute__((always_inline)) void MicroTile(const float* a, int64_t lda,
-                                                     const float* panel, int64_t K, float* c,
-                                                     int64_t ldc, int64_t valid) {
+COMPRESSOR_INLINE void MicroTile(const float* a, int64_t lda, const float* panel, int64_t K,
+                                 float* c, int64_t ldc, int64_t valid) {
   Vec16 acc[R][NV];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < NV; ++v) acc[r][v] = Vec16{};
   }
   for (int64_t k = 0; k < K; ++k) {
     Vec16 w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = LoadVec(panel + (k * NV + v) * 16);
+    for (int v = 0; v < NV; ++v) w[v] = Load16(panel + (k * NV + v) * 16);
     for (int r = 0; r < R; ++r) {
       const float s = a[r * lda + k];
       for (int v = 0; v < NV; ++v) acc[r][v] += s * w[v];
@@ -103,7 +100,7 @@ inline __attribute__((always_inline)) void MicroTile(const float* a, int64_t lda
     float* row = c + r * ldc;
     for (int v = 0; v < NV; ++v) {
       if ((v + 1) * 16 <= valid) {
-        std::memcpy(row + v * 16, &acc[r][v], sizeof(Vec16));
+        Store16(row + v * 16, acc[r][v]);
       } else {
         for (int64_t l = v * 16; l < valid; ++l) row[l] = acc[r][v][l - v * 16];
       }
@@ -112,17 +109,16 @@ inline __attribute__((always_inline)) void MicroTile(const float* a, int64_t lda
 }
 
 template <int NV, int... R>
-inline __attribute__((always_inline)) void RowsTile(int rows, std::integer_sequence<int, R...>,
-                                                    const float* a, int64_t lda,
-                                                    const float* panel, int64_t K, float* c,
-                                                    int64_t ldc, int64_t valid) {
+COMPRESSOR_INLINE void RowsTile(int rows, std::integer_sequence<int, R...>, const float* a,
+                                int64_t lda, const float* panel, int64_t K, float* c,
+                                int64_t ldc, int64_t valid) {
   // rows in [1, kMaxRows]: the one MicroTile<rows, NV> of the pack.
   ((rows == R + 1 ? MicroTile<R + 1, NV>(a, lda, panel, K, c, ldc, valid) : void()), ...);
 }
 
 }  // namespace
 
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+COMPRESSOR_CLONES
 void SgemmPacked(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                  const float* packed, float* C, int64_t ldc) {
   const auto rows_pack = std::make_integer_sequence<int, kMaxRows>{};
