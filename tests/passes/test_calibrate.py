@@ -11,7 +11,7 @@ from two_inputs import two_input_model, two_inputs
 
 from compressor.errors import DataError
 from compressor.models import zoo
-from compressor.passes.calibrate import Calibration, Moments, conv_patches
+from compressor.passes.calibrate import Calibration, CrossMoments, Moments, conv_patches
 from compressor.passes.graph import ConvAttributes
 
 
@@ -37,6 +37,34 @@ def test_conv_patches_subsample_is_a_subset():
     some = conv_patches(x, attrs, max_rows=10, rng=np.random.default_rng(0))
     assert some.shape == (10, 18)
     assert all((full == row).all(1).any() for row in some)
+
+
+def test_conv_patches_rows_in_any_order_with_uneven_pads():
+    """Rows named by index come back in the index's order, whatever samples they mix, and
+    asymmetric pads pad each side as ONNX says (torch's unfold of the same padded input)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 7, 9)).astype(np.float32)
+    attrs = ConvAttributes((3, 2), (2, 1), (0, 2, 1, 0), (1, 2), 1)  # top, left, bottom, right
+    padded = np.pad(x, ((0, 0), (0, 0), (0, 1), (2, 0)))
+    full = F.unfold(torch.from_numpy(padded), (3, 2), dilation=(1, 2), stride=(2, 1))
+    full = full.transpose(1, 2).reshape(-1, 3 * 3 * 2).numpy()
+    index = rng.permutation(len(full))[:17]
+    np.testing.assert_array_equal(conv_patches(x, attrs, index=index), full[index])
+
+
+def test_cross_moments_match_numpy_over_batches():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((900, 6)) * 2 + 0.5
+    x_hat = np.concatenate([x[:, :4] + 0.1 * rng.standard_normal((900, 4)),
+                            rng.standard_normal((900, 1))], axis=1)  # a narrower x_hat
+    m = CrossMoments.zeros(6, 5)
+    for start in range(0, 900, 250):
+        m.add(x[start:start + 250], x_hat[start:start + 250])
+    joint = np.cov(np.concatenate([x, x_hat], axis=1).T, bias=True)
+    assert m.count == 900
+    np.testing.assert_allclose(m.mean_hat, x_hat.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(m.cross_covariance, joint[:6, 6:], atol=2e-5)
+    np.testing.assert_allclose(m.covariance_hat, joint[6:, 6:], atol=2e-5)
 
 
 def test_moments_match_numpy():
