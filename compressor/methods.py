@@ -111,7 +111,8 @@ def _fast_conv(opts, calibration, latency=None, exclude=frozenset()):
     # Always by measured time (the fastest algorithm per layer), whether or not --speedup asks.
     if latency is None:
         latency = LatencyTable(LatencyContext(opts.provider, opts.threads, opts.batch))
-    cfg = FastConvConfig(tolerance=opts.tolerance, exclude=frozenset(exclude))
+    cfg = FastConvConfig(tolerance=opts.tolerance, exclude=frozenset(exclude),
+                         int8_after=getattr(opts, "quantize", None) == "int8")
     return [FastConvPass(cfg, calibration, latency=latency)]
 
 

@@ -59,7 +59,7 @@ IM2COL_OP_TYPE = "Im2colConv"
 FFT_OP_TYPE = "FFTConv"
 DIRECT_OP_TYPE = "DirectConv"
 LABELS = {"conv": "Conv", "winograd2": "Winograd F(2x2,3x3)", "winograd4": "Winograd F(4x4,3x3)",
-          "im2col": "im2col + GEMM", "fft": "FFT", "direct": "direct"}
+          "im2col": "im2col + GEMM", "fft": "FFT", "direct": "direct", "int8": "int8 Conv"}
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -226,11 +226,16 @@ def _fft_macs(node, shapes, inits) -> int:
 @dataclass(frozen=True)
 class FastConvConfig(PassConfig):
     """``tolerance``: the largest relative output error an algorithm may have on the layer
-    (||y - y_conv|| / ||y_conv||, fp32). ``algorithms``: which to try besides ORT's Conv."""
+    (||y - y_conv|| / ||y_conv||, fp32). ``algorithms``: which to try besides ORT's Conv.
+    ``int8_after``: the int8 stage follows, so ORT's Conv is also timed in int8 (as that stage
+    would quantize it, its neighbours fp32) and kept where that is fastest."""
 
     tolerance: float = DEFAULT_TOLERANCE
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     exclude: frozenset[str] = frozenset()
+    # The int8 stage follows (``--quantize int8``): a layer whose Conv is faster in int8 than
+    # any algorithm here stays a Conv for it (custom ops stay fp32 there).
+    int8_after: bool = False
 
     def __post_init__(self):
         if not (self.tolerance >= 0 and math.isfinite(self.tolerance)):
@@ -500,6 +505,11 @@ class FastConvPass(Pass):
             protos.append(candidate_model(nodes, {source: ((table.context.batch, *chw), np.float32)},
                                           {out: (None, np.float32)}, inits, opsets))
         times = dict(zip(("conv", *candidates), table.time_all(protos), strict=True))
+        int8_note = None
+        if config.int8_after and min(times, key=times.get) != "conv":
+            int8_ms, int8_note = self._time_int8(protos[0], (table.context.batch, *chw))
+            if int8_ms is not None:
+                times["int8"] = int8_ms
 
         # Each algorithm's error against ORT's Conv on the layer's real inputs.
         if activation_input is not None:
@@ -520,8 +530,12 @@ class FastConvPass(Pass):
                   for a in candidates}
 
         allowed = ["conv"] + [a for a in candidates if errors[a] <= config.tolerance]
+        # the int8 stage bounds int8's error itself (and keeps the Conv fp32 beyond it)
+        allowed += ["int8"] if "int8" in times else []
         best = min(allowed, key=lambda a: times[a])
         timing = ", ".join(f"{LABELS[a]} {times[a]:.3g} ms" for a in ("conv", *candidates))
+        if "int8" in times:
+            timing += f", {LABELS['int8']} {times['int8']:.3g} ms"
         too_far = [a for a in candidates if errors[a] > config.tolerance]
         error_note = "; ".join(f"{LABELS[a]} error {errors[a]:.2g} > tolerance" for a in too_far)
         dense = m * c * kh * kw * oh * ow
@@ -530,10 +544,12 @@ class FastConvPass(Pass):
                       shape_after=tuple(weight.shape), macs_before=dense, params_before=params,
                       params_after=params, latency_before_ms=times["conv"],
                       latency_after_ms=times[best], error_basis=basis)
-        if best == "conv":
-            reason = f"kept ORT's Conv: it is fastest ({timing})"
-            if error_note:
-                reason += f"; {error_note}"
+        if best in ("conv", "int8"):
+            reason = (f"kept ORT's Conv: it is fastest ({timing})" if best == "conv" else
+                      f"kept ORT's Conv for the int8 stage: its int8 form is fastest ({timing})")
+            for note in (error_note, int8_note):
+                if note:
+                    reason += f"; {note}"
             return LayerRecord(**common, macs_after=dense, error=0.0, skipped=reason)
 
         tile = ALGORITHMS[best]
@@ -566,9 +582,26 @@ class FastConvPass(Pass):
         if len(replaced) > 1:
             fused_in = " and ".join(n.op_type for n in replaced[1:])
             detail += f"; the {fused_in} after it fused in"
-        if error_note:
-            detail += f"; {error_note}"
+        for note in (error_note, int8_note):
+            if note:
+                detail += f"; {note}"
         return LayerRecord(**common, macs_after=macs, error=errors[best], detail=detail)
+
+    def _time_int8(self, conv: onnx.ModelProto, shape: tuple[int, ...]
+                   ) -> tuple[float | None, str | None]:
+        """The time of ``conv`` (the layer's ORT Conv candidate, in context) with the layer in
+        int8 as the int8 stage would quantize it, beside ``conv`` itself; or None and why
+        not. Its stand-in neighbours stay fp32, like the int8 stage's own per-node timing."""
+        from compressor.passes.quantize import int8_candidate
+
+        feed = {conv.graph.input[0].name:
+                np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+        try:
+            int8 = int8_candidate(conv, feed, excluded=("context_before", "context_after"))
+            _, int8_ms = self.latency.time_all([conv, int8])
+        except Exception as e:  # noqa: BLE001 - the quantizer's errors are many and untyped
+            return None, f"int8 Conv not timed ({type(e).__name__}: {e})"
+        return float(int8_ms), None
 
     def ensures(self, model: ir.Model) -> None:
         for node in model.graph:

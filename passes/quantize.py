@@ -23,7 +23,7 @@ import logging
 import platform
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -603,6 +603,53 @@ def _quant_settings(config: QuantizeConfig) -> tuple[str, bool, str]:
     return activations, reduce_range, why
 
 
+def _quantize_static(source: Path, out: Path, activations: str, reduce_range: bool,
+                     excluded: Sequence[str] = (), **calibration) -> None:
+    """onnxruntime's ``quantize_static`` as this module uses it: QDQ, per-channel symmetric
+    int8 weights, ``activations`` (symmetric when int8); ``calibration`` names the reader or
+    the cached ranges."""
+    import onnxruntime.quantization as ortq
+
+    calibration.setdefault("calibration_data_reader", None)
+    ortq.quantize_static(
+        str(source), str(out), quant_format=ortq.QuantFormat.QDQ,
+        op_types_to_quantize=list(OPS_TO_QUANTIZE), per_channel=True, reduce_range=reduce_range,
+        activation_type=(ortq.QuantType.QUInt8 if activations == "uint8"
+                         else ortq.QuantType.QInt8),
+        weight_type=ortq.QuantType.QInt8, nodes_to_exclude=list(excluded),
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": activations == "int8"},
+        **calibration)
+
+
+def int8_candidate(proto: onnx.ModelProto, feed: Mapping[str, np.ndarray],
+                   excluded: Sequence[str] = (),
+                   config: QuantizeConfig | None = None) -> onnx.ModelProto:
+    """``proto`` as ``QuantizeInt8Pass`` would write it with every node it can quantize in
+    int8 (but ``excluded``), its ranges calibrated on ``feed``: the int8 form of a candidate
+    whose time another pass weighs against its own options (fast-conv, when the int8 stage
+    follows it). For timing: its values matter only as far as ``feed`` is representative."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    activations, reduce_range, _ = _quant_settings(config or QuantizeConfig())
+
+    class OneFeed(CalibrationDataReader):
+        def __init__(self):
+            self._feeds = iter([dict(feed)])
+
+        def get_next(self):
+            return next(self._feeds, None)
+
+    with tempfile.TemporaryDirectory(prefix="compressor-int8-candidate-") as tmp:
+        source, out = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(proto, str(source))
+        with _quantizer_log([]):
+            _quantize_static(source, out, activations, reduce_range, excluded,
+                             calibration_data_reader=OneFeed())
+        quantized = onnx.load(str(out))
+    quantized.ir_version = min(quantized.ir_version, MAX_IR_VERSION)
+    return quantized
+
+
 # ---------------------------------------------------------------------------------------------
 # The pass
 
@@ -655,8 +702,6 @@ class QuantizeInt8Pass(Pass):
                             "needs opset 10 or later (re-export the model)")
 
     def call(self, model: ir.Model) -> PassResult:
-        import onnxruntime.quantization as ortq
-
         config: QuantizeConfig = self.config
         notes: list[str] = []
         scope = NameScope(model.graph)
@@ -672,7 +717,6 @@ class QuantizeInt8Pass(Pass):
         fp32_tensors = {out for node in fp32.graph.node for out in node.output} | set(input_names)
 
         activations, reduce_range, why = _quant_settings(config)
-        activation_type = ortq.QuantType.QUInt8 if activations == "uint8" else ortq.QuantType.QInt8
         notes.append(f"int8: weights int8 symmetric per channel, activations {activations} "
                      f"({'symmetric' if activations == 'int8' else 'asymmetric'}), "
                      f"reduce_range {'on' if reduce_range else 'off'} ({why}), "
@@ -708,14 +752,8 @@ class QuantizeInt8Pass(Pass):
 
             def quantize(excluded: list[str]) -> onnx.ModelProto:
                 out = work / f"int8_{len(excluded)}.onnx"
-                ortq.quantize_static(
-                    str(fp32_path), str(out), calibration_data_reader=None,
-                    quant_format=ortq.QuantFormat.QDQ, op_types_to_quantize=list(OPS_TO_QUANTIZE),
-                    per_channel=True, reduce_range=reduce_range, activation_type=activation_type,
-                    weight_type=ortq.QuantType.QInt8, nodes_to_exclude=excluded,
-                    calibrate_method=method, calibration_cache_path=str(cache),
-                    extra_options={"WeightSymmetric": True,
-                                   "ActivationSymmetric": activations == "int8"})
+                _quantize_static(fp32_path, out, activations, reduce_range, excluded,
+                                 calibrate_method=method, calibration_cache_path=str(cache))
                 proto = onnx.load(str(out))
                 proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
                 return _float_graph_outputs(proto)

@@ -29,6 +29,8 @@ from compressor.profile import profile_model
 
 
 def _algorithm(proto: onnx.ModelProto) -> str:
+    if any(n.op_type == "QuantizeLinear" and "context" not in n.name for n in proto.graph.node):
+        return "int8"  # ORT's Conv in QDQ form, as the int8 stage would write it
     for node in proto.graph.node:
         if node.name.startswith("context_"):  # the 1x1 Convs standing for its neighbours
             continue
@@ -67,7 +69,8 @@ class FakeLatency(LatencyTable):
 
     def measure(self, proto: onnx.ModelProto, min_time_s: float) -> float:
         nodes = [n for n in proto.graph.node if not n.name.startswith("context_")]
-        if len(nodes) > 2 and nodes[-1].op_type != "MaxPool":
+        quantized = any(n.op_type == "QuantizeLinear" for n in nodes)
+        if len(nodes) > 2 and nodes[-1].op_type != "MaxPool" and not quantized:
             self.wholes += 1
             return self.whole_ms
         dims = tuple(d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim)
@@ -170,6 +173,51 @@ def test_never_picks_a_slower_algorithm(order):
     timed = sorted(set(table.timed))  # Conv, the reference, is also timed beside each other
     assert timed == sorted([(3, a, (16, 3, 11, 13)) for a in algorithms]
                            + [(32, a, (16, 32, 6, 7)) for a in algorithms])
+
+
+@pytest.mark.parametrize("int8_ms", [0.5, 1.5, None])
+def test_int8_conv_is_weighed_when_the_int8_stage_follows(int8_ms):
+    """With the int8 stage after it, a layer whose Conv is faster in int8 than the fastest
+    algorithm stays a Conv for that stage; otherwise the algorithm wins as before. Without
+    the int8 stage (None) no int8 form is timed."""
+    rng = np.random.default_rng(0)
+    proto = conv_net(rng)
+    times = {}
+    for c in (3, 16, 24, 32):
+        times.update({(c, "conv"): 2.0, (c, "winograd2"): 1.0, (c, "winograd4"): 3.0,
+                      (c, "int8"): int8_ms})
+    table = FakeLatency(times)
+    calibration = FakeCalibration(rng.standard_normal((4, 3, 11, 13)).astype(np.float32))
+    result, out = compress(proto, table, calibration, algorithms=WINOGRAD,
+                           int8_after=int8_ms is not None)
+    layers = {r.name: r for r in result.layers}
+    ops = {n.name: n.op_type for n in out.graph.node}
+    for name, c in zip(("c0", "c5"), SUPPORTED, strict=True):
+        record = layers[name]
+        if int8_ms is None:
+            assert all(a != "int8" for _, a, _ in table.timed)
+            assert ops[name] == OP_TYPE and "int8" not in record.detail
+        elif int8_ms < 1.0:
+            assert ops[name] == "Conv"
+            assert "kept ORT's Conv for the int8 stage" in record.skipped
+            assert "int8 Conv 0.5 ms" in record.skipped and "Winograd F(2x2,3x3) 1 ms" in record.skipped
+        else:
+            assert ops[name] == OP_TYPE and record.skipped is None
+            assert "int8 Conv 1.5 ms" in record.detail
+        if int8_ms is not None:  # the int8 form timed on the layer's real input shape
+            assert (c, "int8", (16, *((3, 11, 13) if c == 3 else (32, 6, 7)))) in table.timed
+    np.testing.assert_allclose(run(out, calibration.inputs), run(proto, calibration.inputs),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_int8_conv_is_not_timed_where_conv_is_fastest_already():
+    rng = np.random.default_rng(0)
+    times = {(c, a): t for c in (3, 16, 24, 32)
+             for a, t in (("conv", 1.0), ("winograd2", 2.0), ("winograd4", 3.0), ("int8", 0.1))}
+    table = FakeLatency(times)
+    result, _ = compress(conv_net(rng), table, algorithms=WINOGRAD, int8_after=True)
+    assert all(a != "int8" for _, a, _ in table.timed)
+    assert "kept ORT's Conv: it is fastest" in {r.name: r for r in result.layers}["c0"].skipped
 
 
 @pytest.mark.parametrize("im2col_ms", [0.5, 3.0])
@@ -512,3 +560,13 @@ def test_conv_neighbours_follow_the_graph():
     found = {name: conv_neighbours(nodes[name], fused_activation(nodes[name]) or nodes[name])
              for name in ("c0", "k1", "c5")}
     assert found == {"c0": (False, True), "k1": (True, True), "c5": (True, False)}
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_the_method_weighs_int8_exactly_when_the_int8_stage_follows(quantize):
+    from compressor.methods import METHODS
+    from compressor.pipeline import CompressOptions
+
+    opts = CompressOptions(model="m.onnx", output="o.onnx", method="fast-conv", quantize=quantize)
+    (fast_conv,) = METHODS["fast-conv"].build(opts, None, latency=FakeLatency({}))
+    assert fast_conv.config.int8_after is (quantize == "int8")

@@ -28,6 +28,7 @@ from compressor.passes.quantize import (
     QuantizeConfig,
     QuantizeInt8Pass,
     calibration_feeds,
+    int8_candidate,
     int8_nodes,
 )
 
@@ -503,3 +504,27 @@ def test_evaluate_and_inspect_show_the_int8_nodes(tmp_path):
     assert json.loads(shown.output)["int8_nodes"] == expected
     shown = runner.invoke(main, ["inspect", str(path)])
     assert f"int8 nodes ({len(expected)}): {', '.join(expected)}" in " ".join(shown.output.split())
+
+
+def test_int8_candidate_quantizes_all_but_the_excluded_nodes(tmp_path):
+    """The int8 form another pass times: the layer in int8 as onnxruntime fuses it
+    (QLinearConv), the excluded neighbour left fp32, outputs close to the fp32 model's."""
+    w = (RNG.standard_normal((8, 4, 3, 3)) / 6).astype(np.float32)
+    w1 = (RNG.standard_normal((8, 8, 1, 1)) / 3).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["z"], name="layer", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["z"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w1"], ["y"], name="context_after")],
+        "candidate", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w1, "w1")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 10
+    x = RNG.standard_normal((2, 4, 9, 9)).astype(np.float32)
+    quantized = int8_candidate(proto, {"x": x}, excluded=("context_after",))
+    onnx.checker.check_model(quantized)
+    assert _ort_int8_nodes(quantized, tmp_path) >= {"layer"}
+    assert "context_after" not in _ort_int8_nodes(quantized, tmp_path)
+    assert set(int8_nodes(quantized)) >= {"layer"} and "context_after" not in int8_nodes(quantized)
+    y, y8 = _run(proto, {"x": x}), _run(quantized, {"x": x})
+    assert np.linalg.norm(y8 - y) / np.linalg.norm(y) < 0.05
