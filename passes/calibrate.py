@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
-from scipy.linalg.blas import sgemm, ssyrk
+from scipy.linalg.blas import dger, sgemm, ssyrk
 
 from compressor import runtime
 from compressor.errors import DataError
@@ -349,6 +349,18 @@ def _mirror_upper(upper: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     return full
 
 
+def _centered(total: np.ndarray, count: int, mean: np.ndarray,
+              mean_other: np.ndarray) -> np.ndarray:
+    """total / count - mean mean_other^T, in place in ``total`` (a float64 sum of products):
+    no d x d temporaries (three of them per 4608-wide layer were 0.5 GB at once)."""
+    total /= max(count, 1)
+    # dger, BLAS's rank-1 update, works on Fortran-ordered matrices: a C-ordered one is
+    # updated through its transpose
+    if total.flags.f_contiguous:
+        return dger(-1.0, mean, mean_other, a=total, overwrite_a=1)
+    return dger(-1.0, mean_other, mean, a=total.T, overwrite_a=1).T
+
+
 @dataclass
 class Moments:
     """Running first and second moments of feature vectors: sums in float64, the second
@@ -386,9 +398,8 @@ class Moments:
 
     @property
     def covariance(self) -> np.ndarray:
-        """Centered covariance E[(x - mu)(x - mu)^T]."""
-        mean = self.mean
-        return self.outer / max(self.count, 1) - np.outer(mean, mean)
+        """Centered covariance E[(x - mu)(x - mu)^T] (float64)."""
+        return _centered(self.outer, self.count, self.mean, self.mean)
 
 
 @dataclass
@@ -440,14 +451,13 @@ class CrossMoments:
     @property
     def cross_covariance(self) -> np.ndarray:
         """E[(x - mu)(x_hat - mu_hat)^T] (float64)."""
-        return (self.cross.astype(np.float64) / max(self.count, 1)
-                - np.outer(self.mean, self.mean_hat))
+        return _centered(self.cross.astype(np.float64), self.count, self.mean, self.mean_hat)
 
     @property
     def covariance_hat(self) -> np.ndarray:
         """E[(x_hat - mu_hat)(x_hat - mu_hat)^T] (float64)."""
-        full = _mirror_upper(self.outer_hat_upper)
-        return full / max(self.count, 1) - np.outer(self.mean_hat, self.mean_hat)
+        return _centered(_mirror_upper(self.outer_hat_upper), self.count, self.mean_hat,
+                         self.mean_hat)
 
 
 def conv_patches(
