@@ -80,6 +80,7 @@ RECIPES = {
     "fast-conv": ("fast-conv", None),
     "fast-conv+int8": ("fast-conv", "int8"),
     "prune+svd+fast-conv": ("prune,svd,fast-conv", None),
+    "svd+fast-conv+int8": ("svd,fast-conv", "int8"),
 }
 ALL_RECIPES = (*RECIPES, *BASELINES)
 QUICK = dict(models=tuple(zoo.names()), batches=(64,), speedups=(2.0,),
