@@ -6,7 +6,9 @@ mechanism (``compressor.latency.LatencyTable``, cached on disk); each algorithm'
 layer's relative output error against ORT's Conv on calibration activations (random inputs
 without ``--data``). The fastest algorithm whose error is within ``tolerance`` is kept; where
 ORT's Conv is fastest the layer stays as it is, and so does every layer no algorithm supports
-(the record says why).
+(the record says why). When the int8 stage follows (``int8_after``), custom-op nodes would stay
+fp32 there, so a layer some algorithm wins in fp32 is timed once more as ORT's Conv in int8
+(``quantize.int8_candidate``) and stays a Conv where that is fastest.
 
 Algorithms: ``ai.compressor::WinogradConv`` (runtime_ext/ops/winograd_conv), F(2x2,3x3) and
 F(4x4,3x3), for 3x3 stride-1, dilation-1, group-1 convolutions. It takes the Conv's own
