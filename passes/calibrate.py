@@ -332,15 +332,6 @@ class Calibration:
         return {name: np.concatenate(arrays, axis=0) for name, arrays in parts.items()}
 
 
-def gram(rows: np.ndarray, dtype: type = np.float64) -> np.ndarray:
-    """``rows.T @ rows`` (as ``dtype``), computed in float32 by BLAS's symmetric rank-k update
-    (ssyrk: half the multiplications of a general product, every core)."""
-    rows32 = np.ascontiguousarray(rows, dtype=np.float32)
-    if rows32.shape[0] == 0:
-        return np.zeros((rows32.shape[1], rows32.shape[1]), dtype)
-    return _mirror_upper(ssyrk(1.0, rows32.T, trans=0), dtype)  # rows32.T: Fortran, no copy
-
-
 def _mirror_upper(upper: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     """The symmetric matrix whose upper triangle ssyrk filled (zeros below), as ``dtype``."""
     full = upper.astype(dtype)
