@@ -12,7 +12,9 @@ the frontier forward. Over a whole walk every node of each model runs once per b
 The frontier is stored per batch (in files in a temporary folder that the walk removes; in
 memory up to ``memory_bytes`` first, if asked), so peak memory is set by the model and one batch, not by the number
 of calibration samples. The batches are fixed when the walk starts, so a stored batch always
-meets the same samples in every later segment.
+meets the same samples in every later segment. The segments' sessions allocate from one shared
+onnxruntime arena (``runtime.shared_cpu_arena``), warm from the first segment on, which the walk
+hands back when it closes.
 
 The caller changes the current model as it goes. A change where the walk has not been yet
 (replacing the layer whose input was just observed) costs nothing; a change to a node the walk
@@ -179,6 +181,7 @@ class CalibrationWalk:
 
     def close(self) -> None:
         self._store.close()
+        runtime.shrink_shared_arena()  # what the segments needed at most, handed back
 
     @property
     def stored_bytes_peak(self) -> int:
@@ -224,7 +227,8 @@ class CalibrationWalk:
             return _Plan(None, [], [], [], track.computed, list(track.live))
         if _has_subgraphs(model):  # run from the graph inputs, store nothing
             proto = prefix_model(model, wanted)
-            session = runtime.session(proto, provider=self.calibration.provider)
+            session = runtime.session(proto, provider=self.calibration.provider,
+                                      shared_arena=True)
             inputs = [i.name for i in session.get_inputs()]
             return _Plan(session, inputs, wanted, wanted, set(), [])
         if track.computed and self._stale(track):
@@ -297,7 +301,8 @@ class CalibrationWalk:
         if outputs:
             proto = self._segment_proto(track, model, ran, list(inputs), outputs, initializers,
                                         graph_inputs)
-            session = runtime.session(proto, provider=self.calibration.provider)
+            session = runtime.session(proto, provider=self.calibration.provider,
+                                      shared_arena=True)
             self.segments_run += 1
         new = {n: None for n in live if n not in track.live}
         return _Plan(session, list(inputs), outputs, wanted, computed, list(live), new, ran)
