@@ -403,23 +403,44 @@ class CrossMoments:
     into the upper triangle of ``outer_hat_upper``. A product per batch converted to float64
     and added (two d x d passes in memory, and a transposed one to mirror the Gram matrix)
     took two thirds of the time on ResNet-50's 4608-wide layers, whose batches are a few
-    images of 49 positions."""
+    images of 49 positions.
+
+    With ``project`` (a k x d matrix P), the x side is y = P x: each batch's rows are
+    multiplied by P^T first, and ``mean`` and ``cross_covariance`` are those of y. A refit
+    needs only Cov(W x, x_hat) of a layer's weight W: accumulated so it costs k (d + d_hat)
+    per row instead of d d_hat (a 3 x 3 conv's outputs are a ninth of its fan-in)."""
 
     count: int
-    total: np.ndarray  # sum of x (float64)
+    total: np.ndarray  # sum of x, or of y = P x (float64)
     total_hat: np.ndarray  # sum of x_hat (float64)
-    cross: np.ndarray  # sum of x x_hat^T: (d, d_hat) float32, Fortran order
+    cross: np.ndarray  # sum of x x_hat^T: (d or k, d_hat) float32, Fortran order
     outer_hat_upper: np.ndarray  # upper triangle of sum x_hat x_hat^T: float32, Fortran order
+    project: np.ndarray | None = None  # P: (k, d) float32
 
     @classmethod
-    def zeros(cls, dim: int, dim_hat: int | None = None) -> CrossMoments:
+    def zeros(cls, dim: int, dim_hat: int | None = None,
+              project: np.ndarray | None = None) -> CrossMoments:
         dim_hat = dim if dim_hat is None else dim_hat
+        if project is not None:
+            if project.ndim != 2 or project.shape[1] != dim:
+                raise ValueError(f"a projection of {dim}-wide rows must be (k, {dim}), got "
+                                 f"{project.shape}")
+            project = np.asfortranarray(project, dtype=np.float32)
+            dim = project.shape[0]
         return cls(0, np.zeros(dim), np.zeros(dim_hat),
                    np.zeros((dim, dim_hat), np.float32, order="F"),
-                   np.zeros((dim_hat, dim_hat), np.float32, order="F"))
+                   np.zeros((dim_hat, dim_hat), np.float32, order="F"), project)
+
+    @property
+    def projected(self) -> bool:
+        return self.project is not None
 
     def add(self, rows: np.ndarray, rows_hat: np.ndarray) -> None:
         x = np.ascontiguousarray(rows, dtype=np.float32)
+        if self.project is not None and x.shape[0]:
+            # P x^T on x^T's Fortran view (no copy of the rows): its transpose is the rows
+            # of y, C-ordered as the products below read them
+            x = sgemm(1.0, self.project, x.T).T
         xh = np.ascontiguousarray(rows_hat, dtype=np.float32)
         self.count += x.shape[0]
         self.total += x.sum(0, dtype=np.float64)
@@ -441,8 +462,18 @@ class CrossMoments:
 
     @property
     def cross_covariance(self) -> np.ndarray:
-        """E[(x - mu)(x_hat - mu_hat)^T] (float64)."""
+        """E[(x - mu)(x_hat - mu_hat)^T] (float64; of y = P x with a projection)."""
         return _centered(self.cross.astype(np.float64), self.count, self.mean, self.mean_hat)
+
+    def output_statistics(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The mean of y = W x and Cov(y, x_hat) (float64), for the W these moments were
+        projected by or, without a projection, any W (k x d)."""
+        if self.project is not None:
+            if weight.shape != self.project.shape:
+                raise ValueError(f"these moments are projected by a {self.project.shape} "
+                                 f"matrix, not a {weight.shape} one")
+            return self.mean, self.cross_covariance
+        return weight @ self.mean, weight @ self.cross_covariance
 
     @property
     def covariance_hat(self) -> np.ndarray:

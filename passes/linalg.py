@@ -32,18 +32,26 @@ def usable_cores() -> int:
 
 def map_per_core(fn: Callable[[Item], Result], items: Iterable[Item],
                  workers: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> list[Result]:
+                 progress: Callable[[int, int], None] | None = None,
+                 one_blas_thread: bool = True) -> list[Result]:
     """``[fn(item) for item in items]``, in order, ``workers`` (default: every usable core)
     items at a time, with NumPy's BLAS and torch held to one thread each meanwhile.
 
     ``fn`` must be safe to run in threads (NumPy, SciPy and torch release the GIL in their
     kernels). The first exception raised by ``fn`` is raised here. ``progress(done, total)``
-    is called as results arrive, in order."""
+    is called as results arrive, in order.
+
+    ``one_blas_thread=False`` leaves the BLAS libraries their threads: for work whose BLAS
+    calls are large products, not decompositions. SciPy's OpenBLAS runs one call at a time
+    however many threads call it (two ssyrk calls on one thread each, side by side, took as
+    long as one after the other: 95 GFLOP/s together, where one call on two threads ran at
+    187), so its products use every core only with its threads left on, while the items' other
+    work (gathering patches) overlaps them."""
     items = list(items)
     workers = min(workers or usable_cores(), max(len(items), 1))
     torch_threads = torch.get_num_threads()
     results: list[Result] = []
-    with threadpool_limits(limits=1):
+    with threadpool_limits(limits=1 if one_blas_thread else None):
         torch.set_num_threads(1)
         try:
             if workers == 1:

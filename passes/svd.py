@@ -608,18 +608,18 @@ class _LayerAnalysis:
         """Channel factorisation fitted to the compressed network's inputs: the rank-r W'
         minimising E||W (x - mu) - W' (x_hat - mu_hat)||^2 (reduced-rank regression)."""
         layer, r = self.layer, choice.rank
-        w = layer.weight
-        cross, cov_hat = paired.cross_covariance, paired.covariance_hat
+        mean_y, cross_y = paired.output_statistics(layer.weight)  # Cov(W x, x_hat)
+        cov_hat = paired.covariance_hat
         ridge = REFIT_RIDGE * max(np.trace(cov_hat) / len(cov_hat), 1e-12)
-        w_ls = _solve_psd(cov_hat + ridge * np.eye(len(cov_hat)), cross.T @ w.T).T
+        w_ls = _solve_psd(cov_hat + ridge * np.eye(len(cov_hat)), cross_y.T).T
         basis = _output_eigen(w_ls, cov_hat)[1][:, :r]
         project = basis.T @ w_ls
         approx = basis @ project
         bias = (np.zeros(layer.outputs) if layer.bias is None else layer.bias.copy())
-        bias += w @ paired.mean - approx @ paired.mean_hat
+        bias += mean_y - approx @ paired.mean_hat
         replace_with_two_stage(model, layer, project, basis, bias, names, f"svd{r}")
         energy = self.output_energy
-        sq = (energy - 2 * float(np.sum((approx @ cross.T) * w))
+        sq = (energy - 2 * float(np.sum(approx * cross_y))
               + float(np.sum((approx @ cov_hat) * approx)))
         error = relative_error(sq, energy)
         shape_after = (r, *layer.original_weight_shape[1:])
@@ -653,13 +653,12 @@ class _LayerAnalysis:
         hidden, h_attrs, weight_value, bias_value = self._spatial_nodes
         paired = gather_cross_moments(walk, model, layer, cfg.max_rows_per_batch, cfg.seed,
                                       current_value=hidden, current_conv=h_attrs, label=label)
-        w = layer.weight
         cov_z = paired.covariance_hat
-        cross_yz = w @ paired.cross_covariance  # Cov(y, z) with y = W x
+        mean_y, cross_yz = paired.output_statistics(layer.weight)  # Cov(y, z) with y = W x
         ridge = REFIT_RIDGE * max(np.trace(cov_z) / len(cov_z), 1e-12)
         h = _solve_psd(cov_z + ridge * np.eye(len(cov_z)), cross_yz.T).T
         bias = (np.zeros(layer.outputs) if layer.bias is None else layer.bias.copy())
-        bias += w @ paired.mean - h @ paired.mean_hat
+        bias += mean_y - h @ paired.mean_hat
         weight_value.const_value = ir.tensor(
             h.reshape(weight_value.const_value.shape).astype(np.float32), name=weight_value.name)
         bias_value.const_value = ir.tensor(bias.astype(np.float32), name=bias_value.name)

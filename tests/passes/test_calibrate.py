@@ -67,6 +67,30 @@ def test_cross_moments_match_numpy_over_batches():
     np.testing.assert_allclose(m.covariance_hat, joint[6:, 6:], atol=2e-5)
 
 
+def test_projected_cross_moments_are_those_of_the_projected_rows():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((700, 9)) * 1.5 - 0.3
+    x_hat = x[:, :7] + 0.2 * rng.standard_normal((700, 7))
+    w = rng.standard_normal((3, 9))
+    projected, plain = CrossMoments.zeros(9, 7, project=w), CrossMoments.zeros(9, 7)
+    for start in range(0, 700, 300):
+        projected.add(x[start:start + 300], x_hat[start:start + 300])
+        plain.add(x[start:start + 300], x_hat[start:start + 300])
+    y = x @ w.T
+    joint = np.cov(np.concatenate([y, x_hat], axis=1).T, bias=True)
+    mean_y, cross_y = projected.output_statistics(w)
+    np.testing.assert_allclose(mean_y, y.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cross_y, joint[:3, 3:], atol=5e-5)
+    np.testing.assert_allclose(projected.covariance_hat, joint[3:, 3:], atol=2e-5)
+    # unprojected moments give the same for any W, and a projection is checked for its W
+    for got, want in zip(plain.output_statistics(w), (mean_y, cross_y), strict=True):
+        np.testing.assert_allclose(got, want, atol=5e-5)
+    with pytest.raises(ValueError, match=r"projected by a \(3, 9\) matrix"):
+        projected.output_statistics(w[:2])
+    with pytest.raises(ValueError, match=r"must be \(k, 9\)"):
+        CrossMoments.zeros(9, 7, project=w[:, :8])
+
+
 def test_moments_match_numpy():
     rows = np.random.default_rng(2).standard_normal((500, 7)) * 3 + 1
     m = Moments.zeros(7)

@@ -43,3 +43,11 @@ def test_the_first_error_is_raised_and_threads_are_restored():
         map_per_core(fail, range(5), workers=2)
     assert torch.get_num_threads() == before
     assert map_per_core(fail, [], workers=2) == []
+
+
+def test_blas_keeps_its_threads_when_asked():
+    outside = {i["filepath"]: i["num_threads"] for i in threadpool_info()}
+    seen = map_per_core(lambda _: {i["filepath"]: i["num_threads"] for i in threadpool_info()},
+                        range(3), workers=2, one_blas_thread=False)
+    assert all(s == outside for s in seen)
+    assert {i["filepath"]: i["num_threads"] for i in threadpool_info()} == outside
