@@ -29,6 +29,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,13 +57,22 @@ Consume = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None]
 
 class _Store:
     """Frontier tensors by (model, value name, batch index): in memory up to a byte budget,
-    then one .npy file each."""
+    then one .npy file each.
 
-    def __init__(self, memory_bytes: int):
+    Files are written behind: ``put`` hands the array to a writer thread and returns, so the
+    write (into the page cache, and whatever wait for the disk the kernel imposes) overlaps
+    the next segment's run and statistics; at most ``max_pending`` arrays wait to be written,
+    held in memory meanwhile, and a ``get`` of one of them reads it from there. A failed
+    write raises at the next call that waits for it."""
+
+    def __init__(self, memory_bytes: int, max_pending: int = 2):
         self.memory_bytes = memory_bytes
+        self.max_pending = max_pending
         self._memory: dict[tuple[str, str, int], np.ndarray] = {}
         self._files: dict[tuple[str, str, int], Path] = {}
         self._file_sizes: dict[tuple[str, str, int], int] = {}
+        self._pending: dict[tuple[str, str, int], tuple[Future, np.ndarray]] = {}
+        self._writer: ThreadPoolExecutor | None = None
         self._folder: Path | None = None
         self._written = 0  # files ever written: each gets a name of its own
         self.memory_used = 0
@@ -77,23 +87,40 @@ class _Store:
         else:
             if self._folder is None:
                 self._folder = Path(tempfile.mkdtemp(prefix="compressor-walk-"))
+                self._writer = ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix="compressor-walk")
             self._written += 1
             path = self._folder / f"{self._written}-{key[0]}-{key[2]}.npy"
-            np.save(path, array, allow_pickle=False)
+            assert self._writer is not None
+            self._pending[key] = (self._writer.submit(_save, path, array), array)
             self._files[key] = path
             self._file_sizes[key] = array.nbytes
             self.file_bytes += array.nbytes
+            self._settle(self.max_pending)
         self.peak_bytes = max(self.peak_bytes, self.memory_used + self.file_bytes)
+
+    def _settle(self, keep: int) -> None:
+        """Forget the writes that are done, and wait for the oldest until at most ``keep``
+        are pending (raising a write's error)."""
+        for key in [k for k, (future, _) in self._pending.items() if future.done()]:
+            self._pending.pop(key)[0].result()
+        while len(self._pending) > keep:
+            self._pending.pop(next(iter(self._pending)))[0].result()
 
     def get(self, key: tuple[str, str, int]) -> np.ndarray:
         if key in self._memory:
             return self._memory[key]
+        if key in self._pending:
+            return self._pending[key][1]
         return np.load(self._files[key], allow_pickle=False)
 
     def drop_key(self, key: tuple[str, str, int]) -> None:
         array = self._memory.pop(key, None)
         if array is not None:
             self.memory_used -= array.nbytes
+        pending = self._pending.pop(key, None)
+        if pending is not None and not pending[0].cancel():
+            pending[0].result()  # being written: let it finish before the file goes
         path = self._files.pop(key, None)
         if path is not None:
             self.file_bytes -= self._file_sizes.pop(key)
@@ -104,13 +131,31 @@ class _Store:
             self.drop_key(key)
 
     def close(self) -> None:
-        self._memory.clear()
-        self._files.clear()
-        self._file_sizes.clear()
-        self.memory_used = self.file_bytes = 0
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None
+        try:
+            self._settle(0)
+        finally:
+            for future, _ in self._pending.values():
+                future.cancel()
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+            self._pending.clear()
+            self._memory.clear()
+            self._files.clear()
+            self._file_sizes.clear()
+            self.memory_used = self.file_bytes = 0
+            if self._folder is not None:
+                shutil.rmtree(self._folder, ignore_errors=True)
+                self._folder = None
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    try:
+        np.save(path, array, allow_pickle=False)
+    except OSError as e:
+        raise DataError(f"the calibration walk could not store a frontier tensor in "
+                        f"{path.parent} ({e.strerror or e}); free space there or set TMPDIR "
+                        f"to a folder with room") from e
 
 
 @dataclass

@@ -165,3 +165,39 @@ def test_errors_name_the_tensor_and_the_model(convnet):
         walk.stream(model, [], ["a"], lambda a, b: None)
         with pytest.raises(ValueError, match="follows one current model"):
             walk.stream(ir.serde.deserialize_model(convnet.proto), [], ["a"], lambda a, b: None)
+
+
+def test_the_store_writes_behind_and_reads_back_what_it_was_given():
+    store = walk_module._Store(memory_bytes=0, max_pending=1)
+    arrays = {("current", f"t{i}", 0): np.full((64, 64), i, np.float32) for i in range(4)}
+    for key, array in arrays.items():
+        store.put(key, array)
+        assert len(store._pending) <= 1  # the oldest writes waited for
+    for key, array in arrays.items():
+        np.testing.assert_array_equal(store.get(key), array)
+    store._settle(0)
+    assert not store._pending and len(list(store._folder.iterdir())) == 4
+    for key, array in arrays.items():  # from the files now
+        np.testing.assert_array_equal(store.get(key), array)
+    store.drop("current", "t0")
+    assert len(list(store._folder.iterdir())) == 3
+    folder = store._folder
+    store.close()
+    assert not folder.exists()
+
+
+def test_a_failed_frontier_write_is_a_clear_error(monkeypatch):
+    def full_disk(path, array, allow_pickle=False):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(walk_module.np, "save", full_disk)
+    store = walk_module._Store(memory_bytes=0)
+    # raised by whichever call meets the finished write first: this put, or the close
+    with pytest.raises(DataError, match="could not store a frontier tensor .*No space left"):
+        try:
+            store.put(("reference", "x", 0), np.zeros(8, np.float32))
+        finally:
+            folder = store._folder
+        store.close()
+    store.close()
+    assert folder is not None and not folder.exists()
