@@ -30,7 +30,7 @@ from compressor.errors import OptionError, VerificationError
 from compressor.evaluate import cosine_similarities, is_class_logits, run_outputs
 from compressor.methods import METHODS
 from compressor.passes.base import PassResult
-from compressor.passes.calibrate import Calibration, streaming_batch_size
+from compressor.passes.calibrate import Calibration, model_digest, streaming_batch_size
 from compressor.passes.cleanup import CleanupPass
 from compressor.profile import ModelProfile, profile_model
 from compressor.progress import ProgressReporter
@@ -219,12 +219,14 @@ def verify(
     inputs: np.ndarray | Mapping[str, np.ndarray],
     provider: str = "cpu",
     label: str = "calibration",
+    reference: np.ndarray | None = None,
 ) -> Verification:
     """onnx.checker, onnxruntime load and run, and output comparison with the original.
 
     ``inputs``: one array for a single-input model, or arrays by input name (every input
     fed). Top-1 agreement is measured where the first output is class logits; the cosine
-    similarity of each sample's output always."""
+    similarity of each sample's output always. ``reference``: the original's first output on
+    ``inputs``, when it is known already (a calibration survey ran it); otherwise it runs."""
     try:
         onnx.checker.check_model(compressed, full_check=True)
     except Exception as e:  # onnx raises several types
@@ -239,7 +241,9 @@ def verify(
         raise VerificationError(f"onnxruntime cannot load the compressed model: {e}") from e
     y_new = run_outputs(sess_new, inputs, batch)
     del sess_new
-    y_ref = run_outputs(runtime.session(original, provider=provider), inputs, batch)
+    y_ref = reference
+    if y_ref is None:
+        y_ref = run_outputs(runtime.session(original, provider=provider), inputs, batch)
     if y_new.shape != y_ref.shape:
         raise VerificationError(f"output shape changed: {y_ref.shape} -> {y_new.shape}")
     if not np.all(np.isfinite(y_new)):
@@ -335,14 +339,17 @@ def compress(opts: CompressOptions, progress: ProgressReporter | None = None) ->
     compressed.ir_version = min(compressed.ir_version, MAX_IR_VERSION)
     after = profile_model(compressed)
 
+    reference = None
     if calibration is not None:
         check_inputs, label = calibration.arrays, "calibration"
+        reference = calibration.remembered_output(model_digest(original))
     else:  # floats uniform in [0, 1); token ids within their vocabulary, masks ones
         check_inputs = stand_in_feeds(
             loaded.inputs, 64, model=original, seed=opts.seed, floats="uniform"
         ).arrays
         label = "random"
-    verification = verify(original, compressed, check_inputs, opts.provider, label)
+    verification = verify(original, compressed, check_inputs, opts.provider, label,
+                          reference)
     report("verify", 1, 1)
     laps.lap("verify")
 

@@ -9,6 +9,7 @@ attention mask, two images) gets every input, batch by batch; integer inputs kee
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,6 +35,16 @@ MAX_BATCH_BYTES = 256 * 2**20
 # sized as if each sample's live activations took this many times its input (ResNet's stem
 # output alone is 5.3 times a 224 x 224 image, with the block input live beside it)
 ACTIVATION_FACTOR = 16
+
+
+# A stream asked to remember the model's first output keeps it for every sample only up to
+# this many bytes (class logits: kilobytes; a segmentation map at full resolution is not kept)
+MAX_REMEMBERED_BYTES = 64 * 2**20
+
+
+def model_digest(proto: onnx.ModelProto) -> str:
+    """A digest of the model's serialised bytes: equal digests, the same model."""
+    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
 
 
 def streaming_batch_size(sample_bytes: int, cap: int = DEFAULT_BATCH_SIZE) -> int:
@@ -178,6 +189,7 @@ class Calibration:
         self.batch_size = batch_size
         self.provider = provider
         self.progress = progress
+        self._remembered: dict[str, np.ndarray] = {}  # first output by model digest
 
     def __len__(self) -> int:
         if self._unnamed is not None:
@@ -289,6 +301,11 @@ class Calibration:
         arrays = [self._unnamed] if self._unnamed is not None else self._arrays.values()
         return sum(a[0].nbytes for a in arrays)
 
+    def remembered_output(self, digest: str) -> np.ndarray | None:
+        """The first output, on every sample, of the model with this ``model_digest``, if a
+        ``stream(..., remember_as=digest)`` ran it (verification then need not run it again)."""
+        return self._remembered.get(digest)
+
     def _feed(self, input_names: Sequence[str], start: int, stop: int) -> dict[str, np.ndarray]:
         return {name: array[start:stop] for name, array in self._select(input_names).items()}
 
@@ -300,6 +317,7 @@ class Calibration:
         label: str = "calibrating",
         clock: StageClock | None = None,
         stage: str = "calibration",
+        remember_as: str | None = None,
     ) -> None:
         """Run the model batch by batch; call ``consume`` with the named tensors of each batch.
 
@@ -307,18 +325,41 @@ class Calibration:
         calibration's batch size nor than ``MAX_BATCH_BYTES`` of requested tensors allow
         (measured on a first batch of one sample), so memory holds one batch whatever the
         number of samples. With ``clock``, the forward passes add to ``"<stage> forward"`` and
-        ``consume`` to ``"<stage> statistics"``."""
-        sess = self._session_with_outputs(model, value_names)
+        ``consume`` to ``"<stage> statistics"``.
+
+        ``remember_as`` (the model's ``model_digest``): also run the model to its first
+        output and keep that for every sample (``remembered_output``), when it takes at most
+        ``MAX_REMEMBERED_BYTES``: a survey of every layer's inputs runs nearly the whole
+        model anyway, and the pipeline's verification then runs only the compressed one."""
+        graph_output = None
+        if remember_as is not None:
+            proto = model if isinstance(model, onnx.ModelProto) else None
+            outputs = (proto.graph.output if proto is not None else model.graph.outputs)
+            if len(outputs) and outputs[0].name:
+                graph_output = outputs[0].name
+        fetched = list(dict.fromkeys(value_names + ([graph_output] if graph_output else [])))
+        sess = self._session_with_outputs(model, fetched)
         wanted = [i.name for i in sess.get_inputs()]
+        kept: list[np.ndarray] | None = [] if graph_output else None
+        kept_bytes = [0]
 
         def run(start: int, stop: int) -> int:
+            nonlocal kept
             with timed(clock, f"{stage} forward"):
-                outputs = sess.run(value_names, self._feed(wanted, start, stop))
+                outputs = dict(zip(fetched, sess.run(fetched, self._feed(wanted, start, stop)),
+                                   strict=True))
+            if kept is not None:
+                kept.append(outputs[graph_output])
+                kept_bytes[0] += outputs[graph_output].nbytes
+                if kept_bytes[0] * len(self) > MAX_REMEMBERED_BYTES * stop:
+                    kept = None  # its outputs on every sample would be too large to keep
             with timed(clock, f"{stage} statistics"):
-                consume(dict(zip(value_names, outputs, strict=True)))
-            return sum(o.nbytes for o in outputs)
+                consume({name: outputs[name] for name in value_names})
+            return sum(outputs[name].nbytes for name in value_names)
 
         self._batches(run, label)
+        if kept is not None and remember_as is not None:
+            self._remembered[remember_as] = np.concatenate(kept, axis=0)
 
     def collect(self, model: ir.Model, value_names: list[str]) -> dict[str, np.ndarray]:
         """The named intermediate tensors on every calibration input, concatenated on axis 0."""

@@ -28,6 +28,7 @@ from compressor.passes.calibrate import (
     conv_output_positions,
     conv_patches,
     feature_rows,
+    model_digest,
     sampled_rows,
 )
 from compressor.passes.graph import (
@@ -197,8 +198,11 @@ def survey(
     shapes, _ = static_shapes(proto)
     total_macs = profile_model(proto).macs
     layers, skipped = find_linear_layers(model, shapes)
+    # the survey runs nearly the whole model: its first output, remembered, spares the
+    # pipeline's verification a run of the original
     moments = ({} if calibration is None
-               else gather_moments(calibration, model, layers, max_rows_per_batch, seed, clock))
+               else gather_moments(calibration, model, layers, max_rows_per_batch, seed, clock,
+                                   remember_as=model_digest(proto)))
     return Survey(proto, total_macs, layers, skipped, moments)
 
 
@@ -249,12 +253,14 @@ def gather_moments(
     max_rows_per_batch: int = 20000,
     seed: int = 0,
     clock: StageClock | None = None,
+    remember_as: str | None = None,
 ) -> dict[str, Moments]:
     """Mean and second moment of each layer's input vectors over the calibration set.
 
     Streamed: one batch of the layers' inputs at a time. Convolution inputs give positions x
     samples patch rows; to bound the cost, a seeded random subset of positions of each
-    sample is used (``rows_per_sample``), the same whatever the batch size.
+    sample is used (``rows_per_sample``), the same whatever the batch size. ``remember_as``:
+    see ``Calibration.stream``.
     """
     per_sample = rows_per_sample(max_rows_per_batch)
     moments = {layer.name: Moments.zeros(layer.fan_in) for layer in layers}
@@ -278,7 +284,7 @@ def gather_moments(
 
     if by_input:
         calibration.stream(model, list(by_input), consume, label="input statistics",
-                           clock=clock, stage="survey")
+                           clock=clock, stage="survey", remember_as=remember_as)
     return moments
 
 

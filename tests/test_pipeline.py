@@ -49,6 +49,34 @@ def test_compress_result_and_recipe(small_model, tmp_path):
     assert [layer["name"] for layer in recipe["layers"]] == [r.name for r in result.layers]
 
 
+def test_verification_reads_the_original_outputs_the_survey_remembered(small_model, tmp_path,
+                                                                        monkeypatch):
+    """svd's survey ran the original to its outputs on the calibration samples: verification
+    compares against those (the same figures as running the original again) and runs only
+    the compressed model."""
+    from compressor import pipeline
+
+    model, data = small_model
+    seen = []
+    real_verify = pipeline.verify
+
+    def verify(original, compressed, inputs, provider="cpu", label="calibration",
+               reference=None):
+        seen.append(reference)
+        return real_verify(original, compressed, inputs, provider, label, reference)
+
+    monkeypatch.setattr(pipeline, "verify", verify)
+    out = tmp_path / "out.onnx"
+    result = compress(CompressOptions(model=model, output=out, method="svd", ratio=0.6,
+                                      rank_multiple=4, data=str(data)))
+    assert len(seen) == 1 and seen[0] is not None and seen[0].shape == (96, 10)
+    x = np.load(data)["x"]
+    again = real_verify(onnx.load(model), onnx.load(out), x)
+    assert result.verification.agreement == again.agreement
+    assert result.verification.relative_error == pytest.approx(again.relative_error,
+                                                               rel=1e-5, abs=1e-7)
+
+
 def test_cleanup_folds_batchnorm_first(tmp_path):
     """The legacy exporter keeps BatchNormalization nodes; the pipeline folds them before the
     method runs, so the output has none and the conv is factorised with the BN inside."""
