@@ -373,11 +373,19 @@ class Calibration:
         return {name: np.concatenate(arrays, axis=0) for name, arrays in parts.items()}
 
 
-def _mirror_upper(upper: np.ndarray, dtype: type = np.float64) -> np.ndarray:
-    """The symmetric matrix whose upper triangle ssyrk filled (zeros below), as ``dtype``."""
+def _mirror_upper(upper: np.ndarray, dtype: type = np.float64, block: int = 512) -> np.ndarray:
+    """The symmetric matrix whose upper triangle ssyrk filled (zeros below), as ``dtype``.
+
+    Mirrored band by band: ``full += full.T`` on the whole matrix made numpy copy it first
+    (the operands overlap), a third d x d matrix beside the float32 sums and their float64
+    copy (ResNet-50's 4608-wide layers: 170 MB a worker, in its decompositions' peak)."""
     full = upper.astype(dtype)
-    full += full.T
-    full[np.diag_indices_from(full)] *= 0.5
+    d = len(full)
+    for start in range(0, d, block):
+        stop = min(start + block, d)
+        full[start:stop, :start] = full[:start, start:stop].T  # the strip above, mirrored
+        diagonal = full[start:stop, start:stop]
+        diagonal += np.triu(diagonal, 1).T
     return full
 
 
@@ -457,24 +465,23 @@ class CrossMoments:
     cross: np.ndarray  # sum of x x_hat^T: (d or k, d_hat) float32, Fortran order
     outer_hat_upper: np.ndarray  # upper triangle of sum x_hat x_hat^T: float32, Fortran order
     project: np.ndarray | None = None  # P: (k, d) float32
+    outputs: bool = False  # the x side is a layer's outputs y = W x (projected, or given so)
 
     @classmethod
     def zeros(cls, dim: int, dim_hat: int | None = None,
-              project: np.ndarray | None = None) -> CrossMoments:
+              project: np.ndarray | None = None, outputs: bool = False) -> CrossMoments:
+        """``outputs``: the rows ``add`` will get on the x side are a layer's outputs
+        y = W x already (``dim`` outputs wide), as ``project`` by W would make them."""
         dim_hat = dim if dim_hat is None else dim_hat
         if project is not None:
             if project.ndim != 2 or project.shape[1] != dim:
                 raise ValueError(f"a projection of {dim}-wide rows must be (k, {dim}), got "
                                  f"{project.shape}")
             project = np.asfortranarray(project, dtype=np.float32)
-            dim = project.shape[0]
+            dim, outputs = project.shape[0], True
         return cls(0, np.zeros(dim), np.zeros(dim_hat),
                    np.zeros((dim, dim_hat), np.float32, order="F"),
-                   np.zeros((dim_hat, dim_hat), np.float32, order="F"), project)
-
-    @property
-    def projected(self) -> bool:
-        return self.project is not None
+                   np.zeros((dim_hat, dim_hat), np.float32, order="F"), project, outputs)
 
     def add(self, rows: np.ndarray, rows_hat: np.ndarray) -> None:
         x = np.ascontiguousarray(rows, dtype=np.float32)
@@ -508,11 +515,13 @@ class CrossMoments:
 
     def output_statistics(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The mean of y = W x and Cov(y, x_hat) (float64), for the W these moments were
-        projected by or, without a projection, any W (k x d)."""
-        if self.project is not None:
-            if weight.shape != self.project.shape:
-                raise ValueError(f"these moments are projected by a {self.project.shape} "
-                                 f"matrix, not a {weight.shape} one")
+        projected by (or whose outputs they were given) or, otherwise, any W (k x d)."""
+        if self.outputs:
+            shape = None if self.project is None else self.project.shape
+            if (shape is not None and weight.shape != shape) or weight.shape[0] != len(self.total):
+                raise ValueError(f"these moments are of the outputs of a "
+                                 f"{shape or (len(self.total), '?')} matrix, not a "
+                                 f"{weight.shape} one")
             return self.mean, self.cross_covariance
         return weight @ self.mean, weight @ self.cross_covariance
 

@@ -11,12 +11,17 @@ vertical/horizontal form in ``svd.py``.
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+from scipy.linalg.blas import sgemm
 
 from compressor.passes.base import LayerRecord
 from compressor.passes.calibrate import (
@@ -174,6 +179,95 @@ def _as_linear_layer(node: ir.Node, shapes: dict[str, Shape]) -> LinearLayer | s
                        tuple(weight.shape), positions, in_shape, out_shape)
 
 
+class ReferenceRows:
+    """Each layer's rows at its sampled positions in the model as surveyed, kept for the
+    sequential refits, which pair them with the compressed model's rows at the same positions.
+
+    A refit reads the reference side only through the layer's output y = W x, so a layer
+    with fewer outputs than fan-in keeps y (a 3 x 3 conv: a ninth of its patch), any other
+    its input rows x. One float32 file per layer, sample-major, in a temporary folder that
+    ``close`` removes (use as a context manager): the rows of every sample of ResNet-50 at
+    200 samples take 3.5 GB, in the page cache, not the process. Without them the refit ran
+    the original model a second time, segment by segment, storing its frontier."""
+
+    def __init__(self):
+        self._folder: Path | None = None
+        # layer name -> file, row width, rows per sample, whether the rows are outputs
+        self._layers: dict[str, tuple[Path, int, int, bool]] = {}
+        self._weights: dict[str, np.ndarray] = {}  # W in float32, while rows are added
+        self._samples: dict[str, int] = {}
+        self._lock = threading.Lock()  # the survey adds layers from several threads
+
+    def __enter__(self) -> ReferenceRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._layers
+
+    def outputs(self, name: str) -> bool:
+        """Whether the layer's rows are its outputs y = W x (else its inputs x)."""
+        return self._layers[name][3]
+
+    def add(self, layer: LinearLayer, first_sample: int, rows: np.ndarray,
+            samples: int) -> None:
+        """The rows of ``samples`` samples from ``first_sample`` on (each sample's rows
+        together, as ``batch_rows`` draws them), appended: samples come in order."""
+        name = layer.name
+        with self._lock:
+            if name not in self._layers:
+                if self._folder is None:
+                    self._folder = Path(tempfile.mkdtemp(prefix="compressor-rows-"))
+                keep_outputs = layer.outputs < layer.fan_in
+                if keep_outputs:
+                    self._weights[name] = np.asfortranarray(layer.weight, dtype=np.float32)
+                width = layer.outputs if keep_outputs else layer.fan_in
+                path = self._folder / f"{len(self._layers)}.f32"
+                path.touch()
+                self._layers[name] = (path, width, rows.shape[0] // max(samples, 1),
+                                      keep_outputs)
+                self._samples[name] = 0
+        path, width, per_sample, keep_outputs = self._layers[name]
+        if first_sample != self._samples[name] or rows.shape[0] != per_sample * samples:
+            raise ValueError(f"reference rows of '{name}' must come in sample order, "
+                             f"{per_sample} a sample")
+        data = np.ascontiguousarray(rows, dtype=np.float32)
+        if keep_outputs:
+            # W rows^T on the rows' Fortran view, by SciPy's BLAS like the survey's Gram
+            # matrices (numpy's OpenBLAS beside it, each library's threads spinning, tripled
+            # the survey's statistics on ResNet-50); its transpose is y, C-ordered
+            data = sgemm(1.0, self._weights[name], data.T).T
+        with open(path, "ab") as f:
+            f.write(np.ascontiguousarray(data).data)
+        self._samples[name] += samples
+
+    def sealed(self) -> ReferenceRows:
+        """Done adding: the weights' float32 copies go."""
+        self._weights.clear()
+        return self
+
+    def read(self, name: str, first_sample: int, stop_sample: int) -> np.ndarray:
+        """The rows of samples ``first_sample`` to ``stop_sample`` (excluded)."""
+        path, width, per_sample, _ = self._layers[name]
+        if stop_sample > self._samples[name]:
+            raise ValueError(f"reference rows of '{name}' hold {self._samples[name]} samples, "
+                             f"not {stop_sample}")
+        count = (stop_sample - first_sample) * per_sample * width
+        with open(path, "rb") as f:
+            f.seek(first_sample * per_sample * width * 4)
+            data = np.fromfile(f, np.float32, count)
+        return data.reshape(-1, width)
+
+    def close(self) -> None:
+        self._layers.clear()
+        self._weights.clear()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+
 @dataclass
 class Survey:
     """A model's linear layers and what low-rank passes need to know about them."""
@@ -183,6 +277,7 @@ class Survey:
     layers: list[LinearLayer]
     skipped: list[LayerRecord]
     moments: dict[str, Moments]  # input statistics by layer name; empty without calibration
+    reference_rows: ReferenceRows | None = None  # with keep_reference_rows: close it after
 
 
 def survey(
@@ -191,19 +286,29 @@ def survey(
     max_rows_per_batch: int = 20000,
     seed: int = 0,
     clock: StageClock | None = None,
+    keep_reference_rows: bool = False,
 ) -> Survey:
     """Shapes, MACs, the factorisable layers (and why others are not), and, with calibration
-    data, every layer's input statistics in one run."""
+    data, every layer's input statistics in one run (and, with ``keep_reference_rows``, each
+    layer's sampled rows for the refits: ``ReferenceRows``)."""
     proto = ir.serde.serialize_model(model)
     shapes, _ = static_shapes(proto)
     total_macs = profile_model(proto).macs
     layers, skipped = find_linear_layers(model, shapes)
+    rows = ReferenceRows() if calibration is not None and keep_reference_rows else None
     # the survey runs nearly the whole model: its first output, remembered, spares the
     # pipeline's verification a run of the original
-    moments = ({} if calibration is None
-               else gather_moments(calibration, model, layers, max_rows_per_batch, seed, clock,
-                                   remember_as=model_digest(proto)))
-    return Survey(proto, total_macs, layers, skipped, moments)
+    try:
+        moments = ({} if calibration is None
+                   else gather_moments(calibration, model, layers, max_rows_per_batch, seed,
+                                       clock, remember_as=model_digest(proto),
+                                       reference_rows=rows))
+    except BaseException:
+        if rows is not None:
+            rows.close()
+        raise
+    return Survey(proto, total_macs, layers, skipped, moments,
+                  None if rows is None else rows.sealed())
 
 
 def rows_per_sample(max_rows_per_batch: int) -> int:
@@ -254,13 +359,14 @@ def gather_moments(
     seed: int = 0,
     clock: StageClock | None = None,
     remember_as: str | None = None,
+    reference_rows: ReferenceRows | None = None,
 ) -> dict[str, Moments]:
     """Mean and second moment of each layer's input vectors over the calibration set.
 
     Streamed: one batch of the layers' inputs at a time. Convolution inputs give positions x
     samples patch rows; to bound the cost, a seeded random subset of positions of each
     sample is used (``rows_per_sample``), the same whatever the batch size. ``remember_as``:
-    see ``Calibration.stream``.
+    see ``Calibration.stream``; ``reference_rows`` keeps every layer's rows too.
     """
     per_sample = rows_per_sample(max_rows_per_batch)
     moments = {layer.name: Moments.zeros(layer.fan_in) for layer in layers}
@@ -275,7 +381,10 @@ def gather_moments(
         def add(layer: LinearLayer) -> None:
             x = batch[layer.input_name]
             index = batch_rows(layer, x, first, per_sample, seed)
-            moments[layer.name].add(layer_rows(layer, x, index=index))
+            rows = layer_rows(layer, x, index=index)
+            moments[layer.name].add(rows)
+            if reference_rows is not None:
+                reference_rows.add(layer, first, rows, len(x))
 
         # one layer's patches per core, the Gram matrices on BLAS's threads (see
         # map_per_core: SciPy's BLAS serialises calls from several threads)
@@ -297,6 +406,7 @@ def gather_cross_moments(
     current_value: str | None = None,
     current_conv: ConvAttributes | None = None,
     label: str | None = None,
+    reference_rows: ReferenceRows | None = None,
 ) -> CrossMoments:
     """Paired statistics at the same output positions of the same inputs: the layer's input
     rows in the walk's reference (original) model, and in the current (partly compressed) one
@@ -307,31 +417,59 @@ def gather_cross_moments(
     A refit reads the reference side only through the layer's output y = W x: where that is
     cheaper (outputs x (fan-in + current width) < fan-in x current width, as for every 3 x 3
     conv that does not widen), the moments accumulate y (``CrossMoments.project``); read them
-    with ``output_statistics(layer.weight)`` either way."""
+    with ``output_statistics(layer.weight)`` either way.
+
+    With ``reference_rows`` holding the layer (the survey's), the reference side is read from
+    there and only the current model walks."""
     name = layer.input_name
     now_name = current_value or name
     dim_hat = layer.fan_in if current_value is None else _window_size(current_conv, current,
                                                                        now_name)
-    project = None
-    if layer.outputs * (layer.fan_in + dim_hat) < layer.fan_in * dim_hat:
-        project = layer.weight
-    moments = CrossMoments.zeros(layer.fan_in, dim_hat, project=project)
+    stored = reference_rows is not None and layer.name in reference_rows
+    if stored and reference_rows.outputs(layer.name):
+        moments = CrossMoments.zeros(layer.outputs, dim_hat, outputs=True)
+    else:
+        project = None
+        if layer.outputs * (layer.fan_in + dim_hat) < layer.fan_in * dim_hat:
+            project = layer.weight
+        moments = CrossMoments.zeros(layer.fan_in, dim_hat, project=project)
     per_sample = rows_per_sample(max_rows_per_batch)
     seen = [0]
 
     def consume(ref: dict[str, np.ndarray], now: dict[str, np.ndarray]) -> None:
+        x_hat = now[now_name]
         first = seen[0]
-        seen[0] += len(ref[name])
-        index = batch_rows(layer, ref[name], first, per_sample, seed)
-        rows = layer_rows(layer, ref[name], index=index)
-        if current_conv is not None:
-            rows_hat = conv_patches(now[now_name], current_conv, index=index)
+        seen[0] += len(x_hat)
+        if stored:
+            assert reference_rows is not None
+            rows = reference_rows.read(layer.name, first, seen[0])
+            # the layer's output positions, as the survey drew them from its input
+            index = sampled_rows(first, len(x_hat), _positions(layer, x_hat, current_conv),
+                                 per_sample, seed)
         else:
-            rows_hat = layer_rows(layer, now[now_name], index=index)
+            index = batch_rows(layer, ref[name], first, per_sample, seed)
+            rows = layer_rows(layer, ref[name], index=index)
+        if current_conv is not None:
+            rows_hat = conv_patches(x_hat, current_conv, index=index)
+        else:
+            rows_hat = layer_rows(layer, x_hat, index=index)
         moments.add(rows, rows_hat)
 
-    walk.stream(current, [name], [now_name], consume, label=label or f"refit {layer.name}")
+    walk.stream(current, [] if stored else [name], [now_name], consume,
+                label=label or f"refit {layer.name}")
     return moments
+
+
+def _positions(layer: LinearLayer, x_hat: np.ndarray, current_conv: ConvAttributes | None) -> int:
+    """Output positions per sample of the layer, from the current model's tensor it reads:
+    the layer's own input, or the hidden tensor that ``current_conv`` reads (with the same
+    output positions as the layer)."""
+    if current_conv is not None:
+        return conv_output_positions(x_hat.shape, current_conv)
+    if layer.kind == "conv":
+        assert layer.conv is not None
+        return conv_output_positions(x_hat.shape, layer.conv)
+    return math.prod(x_hat.shape[1:-1])
 
 
 def _window_size(conv: ConvAttributes | None, model: ir.Model, value_name: str) -> int:

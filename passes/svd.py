@@ -57,6 +57,8 @@ from compressor.passes.graph import (
 from compressor.passes.linalg import map_per_core
 from compressor.passes.lowrank import (
     LinearLayer,
+    ReferenceRows,
+    Survey,
     gather_cross_moments,
     mean_correction,
     relative_error,
@@ -158,7 +160,17 @@ class LowRankSVDPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         cfg: SVDConfig = self.config
         clock = StageClock()
-        found = survey(model, self.calibration, cfg.max_rows_per_batch, cfg.seed, clock)
+        sequential = self.calibration is not None and cfg.sequential
+        found = survey(model, self.calibration, cfg.max_rows_per_batch, cfg.seed, clock,
+                       keep_reference_rows=sequential)
+        try:
+            return self._call(model, found, clock)
+        finally:
+            if found.reference_rows is not None:
+                found.reference_rows.close()
+
+    def _call(self, model: ir.Model, found: Survey, clock: StageClock) -> PassResult:
+        cfg: SVDConfig = self.config
         proto, total_macs, layers, moments = found.proto, found.total_macs, found.layers, found.moments
         records = found.skipped
         notes: list[str] = []
@@ -170,9 +182,10 @@ class LowRankSVDPass(Pass):
 
         def analyse(layer: LinearLayer) -> _LayerAnalysis:
             m = moments.pop(layer.name, None)  # its covariance lives on in the analysis
-            analysis = _LayerAnalysis(layer, m.covariance if m is not None
-                                      else np.eye(layer.fan_in), None if m is None else m.mean,
-                                      cfg)
+            cov, mean = (np.eye(layer.fan_in), None) if m is None else (m.covariance, m.mean)
+            del m  # the float32 sums: not held through the decompositions
+            analysis = _LayerAnalysis(layer, cov, mean, cfg)
+            del cov
             if analysis._spatial is None:
                 analysis.cov = None  # only spatial errors read it: memory set by 3 x 3 layers
             else:
@@ -238,7 +251,7 @@ class LowRankSVDPass(Pass):
         walk_stats = {}
         try:
             self._write(model, layers, analyses, chosen, timing, records, walk, clock,
-                        to_write)
+                        to_write, found.reference_rows)
             if walk is not None:
                 walk_stats = {"refit_segments": walk.segments_run,
                               "refit_restarts": walk.restarts,
@@ -261,9 +274,10 @@ class LowRankSVDPass(Pass):
     def _write(self, model: ir.Model, layers: list[LinearLayer],
                analyses: dict[str, _LayerAnalysis], chosen: dict, timing: dict[str, _Timing],
                records: list[LayerRecord], walk: CalibrationWalk | None, clock: StageClock,
-               to_write: int) -> None:
+               to_write: int, reference_rows: ReferenceRows | None = None) -> None:
         """Rewrite every chosen layer in graph order, refitting it on the walk when there is
-        one, and record each layer."""
+        one (the reference side from the survey's ``reference_rows``), and record each
+        layer."""
         cfg: SVDConfig = self.config
         names = NameScope(model.graph)
         basis = "calibration" if self.calibration is not None else "weights"
@@ -295,7 +309,8 @@ class LowRankSVDPass(Pass):
             label = f"refit layer {written}/{to_write}: {layer.name}"
             if walk is not None and upstream_changed and choice.scheme == "channel" and enough:
                 paired = gather_cross_moments(walk, model, layer, cfg.max_rows_per_batch,
-                                              cfg.seed, label=label)
+                                              cfg.seed, label=label,
+                                              reference_rows=reference_rows)
                 with clock("refit solve"):
                     macs, params, shape_after, detail, error = analysis.apply_asymmetric(
                         model, choice, names, paired)
@@ -303,7 +318,7 @@ class LowRankSVDPass(Pass):
                 with clock("rewrite"):
                     macs, params, shape_after, detail = analysis.apply(model, choice, names)
                 if walk is not None and choice.scheme == "spatial" and enough:
-                    error = analysis.refit_spatial(model, walk, label)
+                    error = analysis.refit_spatial(model, walk, label, reference_rows)
                     detail += ", refit"
             upstream_changed = True
             records.append(layer.record(
@@ -462,13 +477,15 @@ class _LayerAnalysis:
         vertical = (u[:, :top] * root).T.reshape(top, c, kh)  # (R, c, kh)
         horizontal = (root[:, None] * vt[:top]).reshape(top, o, kw)  # (R, o, kw)
         lr = factor.reshape(c, kh, kw, -1)
-        # M[i, b, :] = sum_{c, a} vertical[i, c, a] L[(c, a, b), :]
-        m = np.einsum("ica,cabd->ibd", vertical, lr, optimize=True)
         residual = self.layer.weight @ factor  # (o, d)
+        del factor
         out, done = [], 0
         for r in sorted(set(ranks)):
+            # M[i, b, :] = sum_{c, a} vertical[i, c, a] L[(c, a, b), :], for this block of
+            # components only: all of them at once were (rank x kw x d) floats beside L
+            m = np.einsum("ica,cabd->ibd", vertical[done:r], lr, optimize=True)
             block_h = horizontal[done:r].transpose(1, 0, 2).reshape(o, -1)  # (o, blk * kw)
-            residual -= block_h @ m[done:r].reshape(-1, m.shape[2])
+            residual -= block_h @ m.reshape(-1, m.shape[2])
             done = r
             out.append((r, float(np.sum(residual * residual))))
         by_rank = dict(out)
@@ -645,14 +662,16 @@ class _LayerAnalysis:
         return self._spatial_macs(r), params, tuple(vertical.shape), f"spatial rank {r}"
 
     def refit_spatial(self, model: ir.Model, walk: CalibrationWalk,
-                      label: str | None = None) -> float:
+                      label: str | None = None,
+                      reference_rows: ReferenceRows | None = None) -> float:
         """Keep the vertical k x 1 stage; solve the horizontal 1 x k stage and the bias by
         least squares so the layer's output on the compressed network's inputs matches the
         original layer's output on the original inputs. Returns the relative output error."""
         layer, cfg = self.layer, self.cfg
         hidden, h_attrs, weight_value, bias_value = self._spatial_nodes
         paired = gather_cross_moments(walk, model, layer, cfg.max_rows_per_batch, cfg.seed,
-                                      current_value=hidden, current_conv=h_attrs, label=label)
+                                      current_value=hidden, current_conv=h_attrs, label=label,
+                                      reference_rows=reference_rows)
         cov_z = paired.covariance_hat
         mean_y, cross_yz = paired.output_statistics(layer.weight)  # Cov(y, z) with y = W x
         ridge = REFIT_RIDGE * max(np.trace(cov_z) / len(cov_z), 1e-12)

@@ -85,8 +85,15 @@ def test_projected_cross_moments_are_those_of_the_projected_rows():
     # unprojected moments give the same for any W, and a projection is checked for its W
     for got, want in zip(plain.output_statistics(w), (mean_y, cross_y), strict=True):
         np.testing.assert_allclose(got, want, atol=5e-5)
-    with pytest.raises(ValueError, match=r"projected by a \(3, 9\) matrix"):
+    with pytest.raises(ValueError, match=r"outputs of a \(3, 9\) matrix, not a \(2, 9\)"):
         projected.output_statistics(w[:2])
+    # rows given as outputs already: the same moments as projecting them here
+    given = CrossMoments.zeros(3, 7, outputs=True)
+    given.add(y, x_hat)
+    for got, want in zip(given.output_statistics(w), (mean_y, cross_y), strict=True):
+        np.testing.assert_allclose(got, want, atol=5e-5)
+    with pytest.raises(ValueError, match="outputs of a"):
+        given.output_statistics(w[:2])
     with pytest.raises(ValueError, match=r"must be \(k, 9\)"):
         CrossMoments.zeros(9, 7, project=w[:, :8])
 
