@@ -186,8 +186,8 @@ class ReferenceRows:
     A refit reads the reference side only through the layer's output y = W x, so a layer
     with fewer outputs than fan-in keeps y (a 3 x 3 conv: a ninth of its patch), any other
     its input rows x. One float32 file per layer, sample-major, in a temporary folder that
-    ``close`` removes (use as a context manager): the rows of every sample of ResNet-50 at
-    200 samples take 3.5 GB, in the page cache, not the process. Without them the refit ran
+    ``close`` removes (use as a context manager): ResNet-50's at 200 samples take 1.2 GB,
+    in the page cache, not the process. Without them the refit ran
     the original model a second time, segment by segment, storing its frontier."""
 
     def __init__(self):

@@ -410,7 +410,7 @@ def test_peak_memory_does_not_grow_with_calibration_samples(lenet5, monkeypatch)
 def test_output_eigen_from_the_fan_in_side_equals_the_outputs_side():
     """More outputs than inputs (an expanding 1 x 1 conv): the SVD of W L gives the same
     spectrum and the same rank-r projections as the outputs x outputs eigendecomposition."""
-    from compressor.passes.svd import _output_eigen, _solve_psd
+    from compressor.passes.svd import _output_eigen, _solve_ridged
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((48, 12))
@@ -426,8 +426,11 @@ def test_output_eigen_from_the_fan_in_side_equals_the_outputs_side():
         np.testing.assert_allclose(vecs[:, :r] @ vecs[:, :r].T,
                                    ref_vecs[:, :r] @ ref_vecs[:, :r].T, atol=1e-7)
     b = rng.standard_normal((12, 3))
-    np.testing.assert_allclose(_solve_psd(cov + np.eye(12), b),
+    np.testing.assert_allclose(_solve_ridged(cov, 1.0, b),
                                np.linalg.solve(cov + np.eye(12), b), rtol=1e-9)
-    singular = np.ones((3, 3))  # not definite: falls back to LU (here: raises as numpy does)
+    np.testing.assert_array_equal(cov, np.cov(x.T, bias=True))  # its covariance untouched
+    # not definite even ridged: the LU route, which solves it
+    np.testing.assert_allclose(_solve_ridged(-np.eye(3), 0.5, b[:3]), -2 * b[:3])
+    singular = np.ones((3, 3))  # not definite, and singular with a ridge of -1: LU raises
     with pytest.raises(np.linalg.LinAlgError):
-        _solve_psd(singular, b[:3])
+        _solve_ridged(singular - np.eye(3), 1.0, b[:3])
