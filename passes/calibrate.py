@@ -318,6 +318,7 @@ class Calibration:
         clock: StageClock | None = None,
         stage: str = "calibration",
         remember_as: str | None = None,
+        with_range: bool = False,
     ) -> None:
         """Run the model batch by batch; call ``consume`` with the named tensors of each batch.
 
@@ -330,7 +331,9 @@ class Calibration:
         ``remember_as`` (the model's ``model_digest``): also run the model to its first
         output and keep that for every sample (``remembered_output``), when it takes at most
         ``MAX_REMEMBERED_BYTES``: a survey of every layer's inputs runs nearly the whole
-        model anyway, and the pipeline's verification then runs only the compressed one."""
+        model anyway, and the pipeline's verification then runs only the compressed one.
+        ``with_range``: ``consume(tensors, start, stop)``, with the batch's samples (a tensor's
+        first axis need not be the samples: a (sequence, batch, features) activation)."""
         graph_output = None
         if remember_as is not None:
             proto = model if isinstance(model, onnx.ModelProto) else None
@@ -354,7 +357,11 @@ class Calibration:
                 if kept_bytes[0] * len(self) > MAX_REMEMBERED_BYTES * stop:
                     kept = None  # its outputs on every sample would be too large to keep
             with timed(clock, f"{stage} statistics"):
-                consume({name: outputs[name] for name in value_names})
+                wanted_tensors = {name: outputs[name] for name in value_names}
+                if with_range:
+                    consume(wanted_tensors, start, stop)
+                else:
+                    consume(wanted_tensors)
             return sum(outputs[name].nbytes for name in value_names)
 
         self._batches(run, label)

@@ -193,7 +193,7 @@ class ReferenceRows:
     def __init__(self):
         self._folder: Path | None = None
         # layer name -> file, row width, rows per sample, whether the rows are outputs
-        self._layers: dict[str, tuple[Path, int, int, bool]] = {}
+        self._layers: dict[str, tuple[Path | None, int, int, bool]] = {}
         self._weights: dict[str, np.ndarray] = {}  # W in float32, while rows are added
         self._samples: dict[str, int] = {}
         self._lock = threading.Lock()  # the survey adds layers from several threads
@@ -205,7 +205,8 @@ class ReferenceRows:
         self.close()
 
     def __contains__(self, name: str) -> bool:
-        return name in self._layers
+        entry = self._layers.get(name)
+        return entry is not None and entry[0] is not None
 
     def outputs(self, name: str) -> bool:
         """Whether the layer's rows are its outputs y = W x (else its inputs x)."""
@@ -230,6 +231,8 @@ class ReferenceRows:
                                       keep_outputs)
                 self._samples[name] = 0
         path, width, per_sample, keep_outputs = self._layers[name]
+        if path is None:  # discarded
+            return
         if first_sample != self._samples[name] or rows.shape[0] != per_sample * samples:
             raise ValueError(f"reference rows of '{name}' must come in sample order, "
                              f"{per_sample} a sample")
@@ -242,6 +245,15 @@ class ReferenceRows:
         with open(path, "ab") as f:
             f.write(np.ascontiguousarray(data).data)
         self._samples[name] += samples
+
+    def discard(self, name: str) -> None:
+        """Keep no rows of this layer (its refit walks the original model instead), now and
+        whatever is added later."""
+        with self._lock:
+            entry = self._layers.get(name)
+            if entry is not None and entry[0] is not None:
+                entry[0].unlink(missing_ok=True)
+            self._layers[name] = (None, 0, 0, False)
 
     def sealed(self) -> ReferenceRows:
         """Done adding: the weights' float32 copies go."""
@@ -375,16 +387,23 @@ def gather_moments(
         by_input.setdefault(layer.input_name, []).append(layer)
     seen = [0]
 
-    def consume(batch: dict[str, np.ndarray]) -> None:
+    def consume(batch: dict[str, np.ndarray], start: int, stop: int) -> None:
         first = seen[0]
 
         def add(layer: LinearLayer) -> None:
             x = batch[layer.input_name]
-            index = batch_rows(layer, x, first, per_sample, seed)
-            rows = layer_rows(layer, x, index=index)
+            if reference_rows is not None and len(x) == stop - start:
+                # samples on the first axis: rows drawn per sample, as a refit draws them
+                index = batch_rows(layer, x, start, per_sample, seed)
+                rows = layer_rows(layer, x, index=index)
+                reference_rows.add(layer, start, rows, stop - start)
+            else:
+                # (a sequence-first activation: its rows could not be paired by sample)
+                if reference_rows is not None:
+                    reference_rows.discard(layer.name)
+                index = batch_rows(layer, x, first, per_sample, seed)
+                rows = layer_rows(layer, x, index=index)
             moments[layer.name].add(rows)
-            if reference_rows is not None:
-                reference_rows.add(layer, first, rows, len(x))
 
         # one layer's patches per core, the Gram matrices on BLAS's threads (see
         # map_per_core: SciPy's BLAS serialises calls from several threads)
@@ -393,7 +412,8 @@ def gather_moments(
 
     if by_input:
         calibration.stream(model, list(by_input), consume, label="input statistics",
-                           clock=clock, stage="survey", remember_as=remember_as)
+                           clock=clock, stage="survey", remember_as=remember_as,
+                           with_range=True)
     return moments
 
 

@@ -39,8 +39,11 @@ def test_rows_come_back_as_outputs_when_narrower_else_as_inputs():
             kept.read("wide", 4, 6)
         with pytest.raises(ValueError, match="in sample order"):
             kept.add(wide, 7, rows[:4], 1)
+        kept.discard("wide")  # rows that cannot be paired by sample: none kept, ever
+        kept.add(wide, 5, rows[:4], 1)
+        assert "wide" not in kept and "narrow" in kept
         folder = kept._folder
-        assert folder.exists()
+        assert folder.exists() and len(list(folder.iterdir())) == 1
     assert not folder.exists()
 
 
