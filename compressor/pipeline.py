@@ -30,7 +30,7 @@ from compressor.errors import OptionError, VerificationError
 from compressor.evaluate import cosine_similarities, is_class_logits, run_outputs
 from compressor.methods import METHODS
 from compressor.passes.base import PassResult
-from compressor.passes.calibrate import Calibration, model_digest, streaming_batch_size
+from compressor.passes.calibrate import Calibration, streaming_batch_size
 from compressor.passes.cleanup import CleanupPass
 from compressor.profile import ModelProfile, profile_model
 from compressor.progress import ProgressReporter
@@ -342,7 +342,7 @@ def compress(opts: CompressOptions, progress: ProgressReporter | None = None) ->
     reference = None
     if calibration is not None:
         check_inputs, label = calibration.arrays, "calibration"
-        reference = calibration.remembered_output(model_digest(original))
+        reference = calibration.remembered_output(original)
     else:  # floats uniform in [0, 1); token ids within their vocabulary, masks ones
         check_inputs = stand_in_feeds(
             loaded.inputs, 64, model=original, seed=opts.seed, floats="uniform"

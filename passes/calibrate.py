@@ -301,10 +301,13 @@ class Calibration:
         arrays = [self._unnamed] if self._unnamed is not None else self._arrays.values()
         return sum(a[0].nbytes for a in arrays)
 
-    def remembered_output(self, digest: str) -> np.ndarray | None:
-        """The first output, on every sample, of the model with this ``model_digest``, if a
-        ``stream(..., remember_as=digest)`` ran it (verification then need not run it again)."""
-        return self._remembered.get(digest)
+    def remembered_output(self, model: onnx.ModelProto) -> np.ndarray | None:
+        """The model's first output on every sample, if a ``stream(..., remember_as=
+        model_digest(model))`` ran it (verification then need not run it again). The digest
+        is taken only when something is remembered."""
+        if not self._remembered:
+            return None
+        return self._remembered.get(model_digest(model))
 
     def _feed(self, input_names: Sequence[str], start: int, stop: int) -> dict[str, np.ndarray]:
         return {name: array[start:stop] for name, array in self._select(input_names).items()}
@@ -344,17 +347,17 @@ class Calibration:
         sess = self._session_with_outputs(model, fetched)
         wanted = [i.name for i in sess.get_inputs()]
         kept: list[np.ndarray] | None = [] if graph_output else None
-        kept_bytes = [0]
+        kept_bytes = 0
 
         def run(start: int, stop: int) -> int:
-            nonlocal kept
+            nonlocal kept, kept_bytes
             with timed(clock, f"{stage} forward"):
                 outputs = dict(zip(fetched, sess.run(fetched, self._feed(wanted, start, stop)),
                                    strict=True))
             if kept is not None:
                 kept.append(outputs[graph_output])
-                kept_bytes[0] += outputs[graph_output].nbytes
-                if kept_bytes[0] * len(self) > MAX_REMEMBERED_BYTES * stop:
+                kept_bytes += outputs[graph_output].nbytes
+                if kept_bytes * len(self) > MAX_REMEMBERED_BYTES * stop:
                     kept = None  # its outputs on every sample would be too large to keep
             with timed(clock, f"{stage} statistics"):
                 wanted_tensors = {name: outputs[name] for name in value_names}

@@ -352,15 +352,22 @@ def layer_rows(
 
 
 def batch_rows(layer: LinearLayer, x: np.ndarray, first_sample: int, per_sample: int,
-               seed: int) -> np.ndarray:
+               seed: int, conv: ConvAttributes | None = None) -> np.ndarray:
     """Which rows of the layer's input vectors of a batch to use: ``per_sample`` positions of
-    each sample, drawn per sample (``sampled_rows``)."""
-    if layer.kind == "conv":
-        assert layer.conv is not None
-        positions = conv_output_positions(x.shape, layer.conv)
-    else:
-        positions = math.prod(x.shape[1:-1])
-    return sampled_rows(first_sample, x.shape[0], positions, per_sample, seed)
+    each sample, drawn per sample (``sampled_rows``); ``conv``: see ``_positions``."""
+    return sampled_rows(first_sample, x.shape[0], _positions(layer, x.shape, conv),
+                        per_sample, seed)
+
+
+def _positions(layer: LinearLayer, shape: Sequence[int],
+               conv: ConvAttributes | None = None) -> int:
+    """Output positions per sample of the layer reading a tensor of ``shape`` (through
+    ``conv``'s window instead of its own: the hidden tensor of a factorised layer, which has
+    the layer's output positions)."""
+    conv = conv or layer.conv
+    if conv is not None:
+        return conv_output_positions(shape, conv)
+    return math.prod(shape[1:-1])
 
 
 def gather_moments(
@@ -385,30 +392,22 @@ def gather_moments(
     by_input: dict[str, list[LinearLayer]] = {}
     for layer in layers:
         by_input.setdefault(layer.input_name, []).append(layer)
-    seen = [0]
 
     def consume(batch: dict[str, np.ndarray], start: int, stop: int) -> None:
-        first = seen[0]
-
         def add(layer: LinearLayer) -> None:
             x = batch[layer.input_name]
-            if reference_rows is not None and len(x) == stop - start:
-                # samples on the first axis: rows drawn per sample, as a refit draws them
-                index = batch_rows(layer, x, start, per_sample, seed)
-                rows = layer_rows(layer, x, index=index)
-                reference_rows.add(layer, start, rows, stop - start)
-            else:
-                # (a sequence-first activation: its rows could not be paired by sample)
-                if reference_rows is not None:
-                    reference_rows.discard(layer.name)
-                index = batch_rows(layer, x, first, per_sample, seed)
-                rows = layer_rows(layer, x, index=index)
+            rows = layer_rows(layer, x, index=batch_rows(layer, x, start, per_sample, seed))
             moments[layer.name].add(rows)
+            if reference_rows is None:
+                return
+            if len(x) == stop - start:  # samples on the first axis, as a refit pairs them
+                reference_rows.add(layer, start, rows, stop - start)
+            else:  # a (sequence, batch, features) activation: no pairing by sample
+                reference_rows.discard(layer.name)
 
         # one layer's patches per core, the Gram matrices on BLAS's threads (see
         # map_per_core: SciPy's BLAS serialises calls from several threads)
         map_per_core(add, layers, one_blas_thread=False)
-        seen[0] = first + len(next(iter(batch.values())))
 
     if by_input:
         calibration.stream(model, list(by_input), consume, label="input statistics",
@@ -464,8 +463,7 @@ def gather_cross_moments(
             assert reference_rows is not None
             rows = reference_rows.read(layer.name, first, seen[0])
             # the layer's output positions, as the survey drew them from its input
-            index = sampled_rows(first, len(x_hat), _positions(layer, x_hat, current_conv),
-                                 per_sample, seed)
+            index = batch_rows(layer, x_hat, first, per_sample, seed, current_conv)
         else:
             index = batch_rows(layer, ref[name], first, per_sample, seed)
             rows = layer_rows(layer, ref[name], index=index)
@@ -478,18 +476,6 @@ def gather_cross_moments(
     walk.stream(current, [] if stored else [name], [now_name], consume,
                 label=label or f"refit {layer.name}")
     return moments
-
-
-def _positions(layer: LinearLayer, x_hat: np.ndarray, current_conv: ConvAttributes | None) -> int:
-    """Output positions per sample of the layer, from the current model's tensor it reads:
-    the layer's own input, or the hidden tensor that ``current_conv`` reads (with the same
-    output positions as the layer)."""
-    if current_conv is not None:
-        return conv_output_positions(x_hat.shape, current_conv)
-    if layer.kind == "conv":
-        assert layer.conv is not None
-        return conv_output_positions(x_hat.shape, layer.conv)
-    return math.prod(x_hat.shape[1:-1])
 
 
 def _window_size(conv: ConvAttributes | None, model: ir.Model, value_name: str) -> int:

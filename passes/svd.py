@@ -721,38 +721,41 @@ def _output_eigen(w: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def _solve_ridged(cov: np.ndarray, ridge: float, b: np.ndarray) -> np.ndarray:
-    """(cov + ridge I)^-1 b for a covariance: by Cholesky (LAPACK's, in place on the one
-    ridged copy), or LU when it is not numerically definite. ``cov + ridge * np.eye(d)`` and a
-    factor beside it were four d x d matrices at once: 0.7 GB for ResNet-50's 4608-wide
-    refits, the peak of a run at 512 samples."""
-    a = np.array(cov, dtype=np.float64, order="F")
-    a[np.diag_indices_from(a)] += ridge
-    factor, info = dpotrf(a, lower=1, clean=0, overwrite_a=1)
-    if info == 0:
+    """(cov + ridge I)^-1 b for a covariance: by Cholesky (``_ridged_cholesky``), or LU when
+    it is not numerically definite. ``cov + ridge * np.eye(d)`` and a factor beside it were
+    four d x d matrices at once: 0.7 GB for ResNet-50's 4608-wide refits, the peak of a run
+    at 512 samples."""
+    factor = _ridged_cholesky(cov, ridge)
+    if factor is not None:
         x, info = dpotrs(factor, np.asarray(b, dtype=np.float64), lower=1)
         if info == 0:
             return x
-    del a, factor
+    del factor
     a = np.array(cov, dtype=np.float64)
     a[np.diag_indices_from(a)] += ridge
     return np.linalg.solve(a, b)
+
+
+def _ridged_cholesky(cov: np.ndarray, ridge: float) -> np.ndarray | None:
+    """L (lower, zeros above) with L L^T = cov + ridge I, or None when that is not definite.
+
+    LAPACK's dpotrf (OpenBLAS, blocked) factorises the one float64 copy in place: 2.4x
+    torch's Cholesky on a 4608 x 4608 covariance, and no second d x d matrix (the peak of
+    ResNet-50's decompositions, two layers at a time)."""
+    matrix = np.array(cov, dtype=np.float64, order="F")
+    matrix[np.diag_indices_from(matrix)] += ridge
+    factor, info = dpotrf(matrix, lower=1, clean=1, overwrite_a=1)
+    return factor if info == 0 else None
 
 
 def _psd_factor(cov: np.ndarray) -> np.ndarray | None:
     """L with L L^T = cov (+ a ridge of 1e-10 of its mean variance, raised while Cholesky
     fails on a singular covariance); None when even 1e-4 does not make it definite."""
     scale = max(float(np.trace(cov)) / max(len(cov), 1), 1e-300)
-    base = np.diagonal(cov).astype(np.float64)
-    # LAPACK's dpotrf (OpenBLAS, blocked) factorises the one float64 copy in place: 2.4x
-    # torch's Cholesky on a 4608 x 4608 covariance, and no second d x d matrix (the peak of
-    # ResNet-50's decompositions, two layers at a time)
     for ridge in (1e-10, 1e-8, 1e-6, 1e-4):
-        matrix = np.array(cov, dtype=np.float64, order="F")
-        matrix[np.diag_indices_from(matrix)] = base + ridge * scale
-        factor, info = dpotrf(matrix, lower=1, clean=1, overwrite_a=1)
-        if info == 0:
+        factor = _ridged_cholesky(cov, ridge * scale)
+        if factor is not None:
             return factor
-        del matrix, factor
     return None
 
 
