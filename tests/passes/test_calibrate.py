@@ -275,6 +275,15 @@ def test_a_stream_remembers_the_first_output_by_digest_while_it_is_small(mlp, bu
         calibrate.prefix_model(mlp.proto, ["h"]))
 
 
+def test_a_stream_with_range_hands_consume_each_batch_s_samples(mlp):
+    x = np.random.default_rng(5).standard_normal((23, 16)).astype(np.float32)
+    ranges = []
+    Calibration(x, batch_size=8).stream(
+        mlp.ir(), ["h"], lambda b, start, stop: ranges.append((start, stop, len(b["h"]))),
+        with_range=True)
+    assert ranges == [(0, 1, 1), (1, 9, 8), (9, 17, 8), (17, 23, 6)]
+
+
 def test_stage_clock_adds_up_every_entry():
     from compressor.passes.calibrate import StageClock
 
